@@ -1,0 +1,254 @@
+"""The `extract` job: list the inputs, plan shards, run the missing ones, consolidate tables.
+
+A rerun reuses the saved plan (new videos go to new shards), skips every shard whose
+directory exists with the same input fingerprint, and redoes the rest. A lock file keeps
+two runs off the same output folder.
+"""
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import schema as S
+from .captions import VIDEO_EXTENSIONS, Caption, Failure, VideoIndex, find_videos, read_captions
+from .config import ExtractConfig
+from .runner import ShardTask
+from .write import remove_stale_temporaries
+
+log = logging.getLogger(__name__)
+
+
+class ExtractError(RuntimeError):
+    """A problem with the run as a whole (not with one video): nothing is started."""
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold OUT/.extract.lock for the whole run; a second run stops at once."""
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / S.LOCK_FILE, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        owner = fh.read().strip() or "unknown"
+        fh.close()
+        raise ExtractError(f"another extract is already writing to {out} (pid {owner}); "
+                           "wait for it to finish or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    names = ("torch", "open_clip_torch", "keybert", "sentence-transformers", "simplemma", "h5py",
+             "pyarrow", "dask", "distributed", "ffmpeg-python", "imageio-ffmpeg", "numpy")
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_previous(cfg: ExtractConfig, overwrite: bool) -> None:
+    """Refuse to mix features of different models in one folder; --overwrite starts afresh."""
+    out = cfg.out_path
+    if overwrite:
+        for name in (S.SHARDS_DIR,):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (S.PLAN_FILE, S.MANIFEST_FILE, S.ALL_CAPTIONS_FILE, S.FAILURES_FILE, S.SUMMARY_FILE):
+            (out / name).unlink(missing_ok=True)
+        return
+    previous = out / S.CONFIG_FILE
+    if not previous.exists() or not (out / S.SHARDS_DIR).exists():
+        return
+    try:
+        before = ExtractConfig.from_dict(json.loads(previous.read_text())["config"]).feature_settings()
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExtractError(f"{previous} is unreadable ({e}); use --overwrite to start afresh") from None
+    if before != cfg.feature_settings():
+        raise ExtractError(f"{out} holds features made with {json.dumps(before)}, not "
+                           f"{json.dumps(cfg.feature_settings())}; use another --out, or --overwrite")
+
+
+def plan_shards(out: Path, videos: list[str], shard_size: int) -> list[list[str]]:
+    """The saved plan, with videos it does not know yet appended as new shards."""
+    path = out / S.PLAN_FILE
+    shards: list[list[str]] = json.loads(path.read_text())["shards"] if path.exists() else []
+    known = {v for shard in shards for v in shard}
+    new = [v for v in videos if v not in known]
+    shards += [new[i:i + shard_size] for i in range(0, len(new), shard_size)]
+    _atomic_json(path, {"shard_size": shard_size, "shards": shards})
+    return shards
+
+
+def _done_fingerprint(shard_dir: Path) -> str | None:
+    try:
+        return json.loads((shard_dir / S.META_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class Inputs:
+    videos: list[str]
+    captions: list[Caption] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+def list_inputs(cfg: ExtractConfig) -> Inputs:
+    root = Path(cfg.videos)
+    if not root.is_dir():
+        raise ExtractError(f"videos folder {root} does not exist or is not a folder")
+    videos = find_videos(root)
+    captions_file = Path(cfg.captions) if cfg.captions else None
+    if captions_file is None:
+        return Inputs(videos)
+    if not captions_file.is_file():
+        raise ExtractError(f"captions file {captions_file} does not exist")
+    captions, failures = read_captions(captions_file, VideoIndex(root, videos))
+    return Inputs(videos, captions, failures)
+
+
+def _tasks(cfg: ExtractConfig, inputs: Inputs) -> tuple[list[ShardTask], list[ShardTask]]:
+    """(all tasks of the plan, those still to do)."""
+    out = cfg.out_path
+    by_video: dict[str, list[Caption]] = {}
+    for c in inputs.captions:
+        by_video.setdefault(c.video_id, []).append(c)
+    tasks = [ShardTask(i, tuple(vs), tuple(c for v in vs for c in by_video.get(v, ())))
+             for i, vs in enumerate(plan_shards(out, inputs.videos, cfg.shard_size)) if vs]
+    todo = [t for t in tasks
+            if _done_fingerprint(out / S.SHARDS_DIR / S.shard_name(t.index)) != t.fingerprint(cfg)]
+    return tasks, todo
+
+
+def consolidate(out: Path, tasks: list[ShardTask], input_failures: list[Failure]) -> dict:
+    """Rebuild the folder-level manifest, captions table and failures.csv from the shards."""
+    videos, captions, failures = [], [], [f.__dict__ for f in input_failures]
+    missing = []
+    for t in tasks:
+        d = out / S.SHARDS_DIR / S.shard_name(t.index)
+        if not (d / S.META_FILE).exists():
+            missing.append(t.index)
+            continue
+        videos.append(pq.read_table(d / S.VIDEOS_FILE))
+        captions.append(pq.read_table(d / S.CAPTIONS_FILE))
+        failures += json.loads((d / S.META_FILE).read_text()).get("failures", [])
+    manifest = pa.concat_tables(videos) if videos else S.VIDEO_SCHEMA.empty_table()
+    caps = pa.concat_tables(captions) if captions else S.CAPTION_SCHEMA.empty_table()
+    for table, name in ((manifest, S.MANIFEST_FILE), (caps, S.ALL_CAPTIONS_FILE)):
+        pq.write_table(table, out / f".{name}.tmp")
+        os.replace(out / f".{name}.tmp", out / name)
+    for index in missing:
+        failures.append({"path": str(out / S.SHARDS_DIR / S.shard_name(index)), "stage": "shard",
+                         "error": "shard not written (its task failed); rerun extract to redo it"})
+    tmp = out / f".{S.FAILURES_FILE}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=S.FAILURE_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in S.FAILURE_COLUMNS} for r in failures)
+    os.replace(tmp, out / S.FAILURES_FILE)
+    status = manifest.column("status").to_pylist()
+    return {"videos": len(status), "ok": status.count(S.STATUS_OK), "failed": status.count(S.STATUS_FAILED),
+            "frames": int(pc.sum(manifest.column("num_frames")).as_py() or 0),
+            "captions": caps.num_rows, "failures": len(failures), "missing_shards": missing}
+
+
+def extract(cfg: ExtractConfig, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run the whole job; returns the summary that is also written to OUT/summary.json."""
+    from tqdm import tqdm
+
+    from .distributed import run_tasks
+
+    out = cfg.out_path
+    start = time.perf_counter()
+    with output_lock(out):
+        _check_previous(cfg, overwrite)
+        inputs = list_inputs(cfg)
+        if not inputs.videos:
+            raise ExtractError(f"no video files found in {cfg.videos} "
+                               f"(looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
+        _atomic_json(out / S.CONFIG_FILE, {"config": cfg.to_dict(), "schema_version": S.SCHEMA_VERSION,
+                                           "versions": _versions()})
+        remove_stale_temporaries(out)
+        tasks, todo = _tasks(cfg, inputs)
+        skipped = sum(len(t.videos) for t in tasks) - sum(len(t.videos) for t in todo)
+        bar = tqdm(total=sum(len(t.videos) for t in todo), unit="video", disable=not progress,
+                   desc=f"extract {len(todo)}/{len(tasks)} shards", dynamic_ncols=True)
+        frames = 0
+        t_run = time.perf_counter()
+
+        def advance(n_videos: int, n_frames: int) -> None:
+            nonlocal frames
+            frames += n_frames
+            bar.update(n_videos)
+            elapsed = max(time.perf_counter() - t_run, 1e-9)
+            bar.set_postfix(videos_s=f"{bar.n / elapsed:.1f}", frames_s=f"{frames / elapsed:.1f}")
+
+        shard_summaries, shard_errors = [], []
+        per_video = cfg.cluster == "none"
+        for task, result in run_tasks(todo, cfg, on_video=(lambda n: advance(1, n)) if per_video else None):
+            if isinstance(result, Exception):
+                shard_errors.append({"shard": task.index, "error": f"{type(result).__name__}: {result}"})
+                if not per_video:
+                    advance(len(task.videos), 0)
+                continue
+            shard_summaries.append({k: v for k, v in result.items() if k != "failures"})
+            if not per_video:
+                advance(result["videos"], result["frames"])
+        bar.close()
+        totals = consolidate(out, tasks, inputs.failures)
+        run_seconds = time.perf_counter() - t_run
+        done_frames = sum(s["frames"] for s in shard_summaries)
+        summary = {
+            **totals, "shards": len(tasks), "shards_done_now": len(shard_summaries),
+            "shard_errors": shard_errors, "videos_skipped_complete": skipped,
+            "videos_done_now": sum(s["videos"] for s in shard_summaries),
+            "seconds": round(time.perf_counter() - start, 2),
+            "frames_per_s": round(done_frames / run_seconds, 2) if shard_summaries else None,
+            "decode_wait_share": round(sum(s["decode_wait_s"] for s in shard_summaries)
+                                       / max(1e-9, sum(s["seconds"] for s in shard_summaries)), 3)
+            if shard_summaries else None,
+            "shard_timings": shard_summaries,
+        }
+        _atomic_json(out / S.SUMMARY_FILE, summary)
+    return summary
+
+
+def exit_code(summary: dict, strict: bool) -> int:
+    """0 unless nothing succeeded, a shard is missing, or --strict and anything failed."""
+    if summary["ok"] == 0 or summary["missing_shards"]:
+        return 1
+    if strict and summary["failures"]:
+        return 1
+    return 0

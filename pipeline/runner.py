@@ -1,0 +1,261 @@
+"""Runner: turns one shard's videos and captions into a written shard.
+
+The stages are built once per process from the (picklable) config by `get_stages`, so no
+model is ever pickled with a task. Decoding runs in threads (each drives its own ffmpeg
+process) and fills a bounded queue; the model takes frames from several videos per batch,
+so short clips do not leave batches empty and decoding overlaps the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import schema as S
+from .captions import Caption, Failure
+from .config import ExtractConfig
+from .decode import DecodeError, DecodeResult, decode_frames
+from .encode import ClipEncoder, ModelSpec, center_crop
+from .keywords import KeywordExtractor, KeywordSpec
+from .write import ShardData, write_shard
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    index: int
+    videos: tuple[str, ...]             # relative paths, in shard order
+    captions: tuple[Caption, ...] = ()
+
+    def fingerprint(self, cfg: ExtractConfig) -> str:
+        """Changes when the shard's inputs or the feature settings change."""
+        payload = json.dumps([self.videos, [c.__dict__ for c in self.captions], cfg.feature_settings()],
+                             sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stages:
+    clip: ClipEncoder
+    keywords: KeywordExtractor | None
+    keyword_cache: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+_STAGES: dict[tuple, Stages] = {}
+_STAGES_LOCK = threading.Lock()
+
+
+def get_stages(clip: ModelSpec, kw: KeywordSpec, need_keywords: bool) -> Stages:
+    """The models of this process, loaded on first use and kept for every later shard."""
+    key = (clip, kw)
+    with _STAGES_LOCK:
+        stages = _STAGES.get(key)
+        if stages is None:
+            stages = _STAGES[key] = Stages(ClipEncoder(clip), None)
+        if need_keywords and stages.keywords is None and kw.top_k > 0:
+            stages.keywords = KeywordExtractor(kw)
+        return stages
+
+
+_END = object()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _put(q: queue.Queue, item, cancel: threading.Event) -> None:
+    while True:
+        try:
+            return q.put(item, timeout=0.5)
+        except queue.Full:
+            if cancel.is_set():
+                raise _Cancelled from None
+
+
+def _decode_into(q: queue.Queue, slot: int, path: Path, clip: ClipEncoder, timeout: float,
+                 cancel: threading.Event) -> None:
+    """Decode one video into the queue: (slot, crop) per frame, then (slot, _END, result|error)."""
+    result = DecodeResult()
+    try:
+        if cancel.is_set():
+            return
+        for frame in decode_frames(path, clip.image_size, squash=clip.squash, stall_timeout=timeout, result=result):
+            _put(q, (slot, center_crop(frame, clip.image_size)), cancel)
+        q.put((slot, _END, result))
+    except _Cancelled:
+        return
+    except DecodeError as e:
+        q.put((slot, _END, e))
+    except Exception as e:  # anything else is still one video's failure, not the run's
+        q.put((slot, _END, DecodeError(f"{path}: {type(e).__name__}: {e}")))
+
+
+@dataclass
+class _Timing:
+    wait: float = 0.0      # main thread waiting for decoded frames
+    model: float = 0.0     # image tower
+    text: float = 0.0      # text tower and keywords
+
+
+class _FrameBatcher:
+    """Collects decoded frames of several videos into model batches and files the features."""
+
+    def __init__(self, clip: ClipEncoder, n_videos: int, batch_size: int, timing: _Timing):
+        self.clip, self.batch_size, self.timing = clip, batch_size, timing
+        self.feats: list[list[np.ndarray]] = [[] for _ in range(n_videos)]
+        self.slots: list[int] = []
+        self.frames: list[np.ndarray] = []
+
+    def add(self, slot: int, frame: np.ndarray) -> None:
+        self.slots.append(slot)
+        self.frames.append(frame)
+        if len(self.frames) >= self.batch_size:
+            self.flush()
+
+    def count(self, slot: int) -> int:
+        return len(self.feats[slot]) + self.slots.count(slot)
+
+    def flush(self) -> None:
+        if not self.frames:
+            return
+        t0 = time.perf_counter()
+        out = self.clip.encode_frames(np.stack(self.frames))  # (B, Dv)
+        self.timing.model += time.perf_counter() - t0
+        for slot, row in zip(self.slots, out):
+            self.feats[slot].append(row)
+        self.slots.clear()
+        self.frames.clear()
+
+
+def encode_videos(paths: list[Path], clip: ClipEncoder, cfg: ExtractConfig, timing: _Timing,
+                  on_video: Callable[[int], None] | None = None):
+    """Per video: (features (n, Dv) float16, times (n,), DecodeResult) or a DecodeError."""
+    q: queue.Queue = queue.Queue(maxsize=2 * cfg.batch_size)
+    batcher = _FrameBatcher(clip, len(paths), cfg.batch_size, timing)
+    outcome: list = [None] * len(paths)
+    cancel = threading.Event()
+    with ThreadPoolExecutor(max_workers=max(1, cfg.decode_threads)) as pool:
+        for slot, path in enumerate(paths):
+            pool.submit(_decode_into, q, slot, path, clip, cfg.decode_timeout, cancel)
+        try:
+            remaining = len(paths)
+            while remaining:
+                t0 = time.perf_counter()
+                item = q.get()
+                timing.wait += time.perf_counter() - t0
+                if item[1] is not _END:
+                    batcher.add(*item)
+                    continue
+                outcome[item[0]] = item[2]
+                remaining -= 1
+                if on_video:
+                    on_video(batcher.count(item[0]))
+                if q.empty():
+                    batcher.flush()  # nothing else is ready: do not let the model idle
+        except BaseException:
+            cancel.set()  # decoders stop at their next frame; their ffmpeg processes are killed
+            raise
+    batcher.flush()
+    results = []
+    for slot, res in enumerate(outcome):
+        if isinstance(res, Exception):
+            results.append(res)
+        else:
+            results.append((np.stack(batcher.feats[slot]), np.asarray(res.times, "float32"), res))
+    return results
+
+
+def encode_captions(captions: list[Caption], stages: Stages, batch_size: int):
+    """Token features per caption, keywords per caption, the keyword table and its index."""
+    clip = stages.clip
+    order = sorted(range(len(captions)), key=lambda i: len(captions[i].text))  # similar lengths batch well
+    tokens: list[np.ndarray | None] = [None] * len(captions)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        _, toks = clip.encode_texts([captions[i].text for i in batch])
+        for i, t in zip(batch, toks):
+            tokens[i] = t
+    keywords = stages.keywords([c.text for c in captions]) if stages.keywords else [[] for _ in captions]
+    vocab = list(dict.fromkeys(k for kws in keywords for k in kws))
+    new = [k for k in vocab if k not in stages.keyword_cache]
+    for start in range(0, len(new), batch_size):  # each distinct keyword is encoded once per worker
+        chunk = new[start:start + batch_size]
+        pooled, _ = clip.encode_texts(chunk)
+        stages.keyword_cache.update(zip(chunk, pooled))
+    k = stages.keywords.spec.top_k if stages.keywords else 0
+    row_of = {kw: i for i, kw in enumerate(vocab)}
+    index = np.full((len(captions), k), -1, dtype=np.int32)
+    for i, kws in enumerate(keywords):
+        index[i, :len(kws)] = [row_of[w] for w in kws]
+    table = (np.stack([stages.keyword_cache[w] for w in vocab]) if vocab
+             else np.zeros((0, clip.text_dim), np.float16))
+    return tokens, keywords, table, index
+
+
+def run_shard(task: ShardTask, cfg: ExtractConfig, on_video: Callable[[int], None] | None = None,
+              device: str | None = None) -> dict:
+    """Extract, encode and write one shard; returns its summary (counts, timings, failures)."""
+    start = time.perf_counter()
+    clip_spec = replace(cfg.clip, device=device) if device else cfg.clip
+    kw_spec = replace(cfg.keywords, device="cpu" if clip_spec.device == "cpu" else clip_spec.device)
+    stages = get_stages(clip_spec, kw_spec, need_keywords=bool(task.captions))
+    clip = stages.clip
+    timing = _Timing()
+    root = Path(cfg.videos)
+    data = ShardData(task.index)
+    failures: list[Failure] = []
+    n_frames = 0
+    results = encode_videos([root / v for v in task.videos], clip, cfg, timing, on_video)
+    for video_id, res in zip(task.videos, results):
+        row = {"video_id": video_id, "path": str(root / video_id), "shard": task.index,
+               "frame_start": n_frames, "num_frames": 0, "duration": float("nan")}
+        if isinstance(res, Exception):
+            failures.append(Failure(str(root / video_id), "decode", str(res)))
+            data.videos.append({**row, "status": S.STATUS_FAILED, "error": str(res)})
+            continue
+        feats, times, info = res
+        data.frames.append(feats)
+        data.frame_times.append(times)
+        data.videos.append({**row, "status": S.STATUS_OK, "error": info.warning,
+                            "num_frames": len(feats), "duration": info.duration})
+        n_frames += len(feats)
+
+    t0 = time.perf_counter()
+    captions = list(task.captions)
+    tokens, keywords, table, index = encode_captions(captions, stages, cfg.batch_size)
+    timing.text = time.perf_counter() - t0
+    n_tokens = 0
+    for c, toks, kws in zip(captions, tokens, keywords):
+        data.captions.append({"caption_id": c.caption_id, "video_id": c.video_id, "split": c.split,
+                              "caption": c.text, "keywords": kws, "token_start": n_tokens,
+                              "num_tokens": len(toks), "shard": task.index})
+        data.tokens.append(toks)
+        n_tokens += len(toks)
+        if stages.keywords and not kws:
+            failures.append(Failure(f"caption {c.caption_id}", "keywords",
+                                    f"no keywords found in '{c.text[:80]}' (kept, with no keyword features)"))
+    data.keyword_features, data.keyword_index = table, index
+    seconds = time.perf_counter() - start
+    summary = {
+        "shard": task.index, "videos": len(task.videos),
+        "ok": sum(v["status"] == S.STATUS_OK for v in data.videos),
+        "failed": sum(v["status"] == S.STATUS_FAILED for v in data.videos),
+        "frames": n_frames, "captions": len(captions), "keywords": len(table),
+        "seconds": round(seconds, 3), "decode_wait_s": round(timing.wait, 3),
+        "image_model_s": round(timing.model, 3), "text_s": round(timing.text, 3),
+        "device": clip_spec.device, "fingerprint": task.fingerprint(cfg),
+    }
+    data.meta = {**summary, "schema_version": S.SCHEMA_VERSION,
+                 "failures": [f.__dict__ for f in failures]}
+    write_shard(Path(cfg.out), data, clip.image_proj.numpy(), clip.text_proj.numpy(),
+                {"model": clip_spec.model, "pretrained": clip_spec.pretrained})
+    summary["failures"] = data.meta["failures"]
+    return summary

@@ -1,0 +1,83 @@
+"""Write stage: one shard = HDF5 arrays + Parquet tables, written under a temporary name and
+renamed, so a shard on disk is always whole."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import schema as S
+
+
+@dataclass
+class ShardData:
+    """Everything one shard holds, in memory, ready to write."""
+    index: int
+    videos: list[dict] = field(default_factory=list)      # rows of S.VIDEO_SCHEMA
+    frames: list[np.ndarray] = field(default_factory=list)  # per ok video (n_i, Dv) float16
+    frame_times: list[np.ndarray] = field(default_factory=list)
+    captions: list[dict] = field(default_factory=list)    # rows of S.CAPTION_SCHEMA
+    tokens: list[np.ndarray] = field(default_factory=list)  # per caption (L_i, Dt) float16
+    keyword_features: np.ndarray | None = None             # (V, Dt) float16
+    keyword_index: np.ndarray | None = None                # (C, K) int32
+    meta: dict = field(default_factory=dict)
+
+
+def _concat(parts: list[np.ndarray], width: int, dtype: str) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros((0, width), dtype)
+
+
+def write_shard(out: Path, data: ShardData, image_proj: np.ndarray, text_proj: np.ndarray, attrs: dict) -> Path:
+    """Write `data` as OUT/shards/shard-NNNNN atomically and return that path."""
+    shards = Path(out) / S.SHARDS_DIR
+    shards.mkdir(parents=True, exist_ok=True)
+    final = shards / S.shard_name(data.index)
+    tmp = shards / f"{S.TMP_PREFIX}{S.shard_name(data.index)}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        dv, dt = image_proj.shape[0], text_proj.shape[0]
+        with h5py.File(tmp / S.FEATURES_FILE, "w") as h5:
+            h5.attrs["schema_version"] = S.SCHEMA_VERSION
+            for key in ("model", "pretrained"):
+                h5.attrs[key] = str(attrs[key])
+            h5.attrs["image_dim"], h5.attrs["text_dim"], h5.attrs["embed_dim"] = dv, dt, image_proj.shape[1]
+            h5.create_dataset(S.H5_FRAMES, data=_concat(data.frames, dv, "float16"), chunks=None)
+            h5.create_dataset(S.H5_FRAME_TIMES, data=np.concatenate(data.frame_times).astype("float32")
+                              if data.frame_times else np.zeros(0, "float32"))
+            h5.create_dataset(S.H5_TOKENS, data=_concat(data.tokens, dt, "float16"))
+            kw = data.keyword_features if data.keyword_features is not None else np.zeros((0, dt), "float16")
+            h5.create_dataset(S.H5_KEYWORDS, data=kw.astype("float16"))
+            k_index = data.keyword_index if data.keyword_index is not None else np.zeros((len(data.captions), 0), "int32")
+            h5.create_dataset(S.H5_KEYWORD_INDEX, data=k_index.astype("int32"))
+            h5.create_dataset(S.H5_IMAGE_PROJ, data=image_proj.astype("float32"))
+            h5.create_dataset(S.H5_TEXT_PROJ, data=text_proj.astype("float32"))
+        pq.write_table(pa.Table.from_pylist(data.videos, schema=S.VIDEO_SCHEMA), tmp / S.VIDEOS_FILE)
+        pq.write_table(pa.Table.from_pylist(data.captions, schema=S.CAPTION_SCHEMA), tmp / S.CAPTIONS_FILE)
+        (tmp / S.META_FILE).write_text(json.dumps(data.meta, indent=2))
+        for f in tmp.iterdir():  # data on disk before the rename makes the shard visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete half-written shards left by a killed run; they are never read."""
+    shards = Path(out) / S.SHARDS_DIR
+    stale = list(shards.glob(f"{S.TMP_PREFIX}*")) if shards.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
