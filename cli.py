@@ -111,5 +111,136 @@ def extract(
     raise typer.Exit(exit_code(summary, strict))
 
 
+def _device(device: str) -> str:
+    from pipeline.encode import WeightsError, resolve_device
+    try:
+        return resolve_device(device)
+    except WeightsError as e:
+        _fail(str(e))
+
+
+@app.command("train-heads")
+def train_heads(
+    features: Path = typer.Option(Path("features"), help="Output folder of `extract`."),
+    out: Path = typer.Option(..., help="Run folder (checkpoints, config, metrics.jsonl, curves.png)."),
+    variant: str = typer.Option("full", help="full (S2-S5) | meanp | seqtransf (CLIP4Clip baselines)."),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(128, min=2, help="Captions per step; each video at most once per batch."),
+    lr: float = typer.Option(1e-4, min=0.0),
+    weight_decay: float = typer.Option(0.2, min=0.0),
+    warmup: float = typer.Option(0.1, min=0.0, max=1.0, help="Share of steps in linear warm-up."),
+    max_frames: int = typer.Option(12, min=1, help="Frames per video, uniform over the stored 1 FPS frames."),
+    max_words: int = typer.Option(32, min=2, help="Word tokens per caption (SOT..EOT)."),
+    dropout: float = typer.Option(0.1, min=0.0, max=0.9),
+    temporal_layers: int = typer.Option(4, min=1),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    amp: str = typer.Option("bf16", help="Mixed precision on CUDA: bf16 | fp16 | none (ignored on CPU)."),
+    unfreeze_proj: bool = typer.Option(False, help="Fine-tune CLIP's image and text projections too."),
+    no_video_enhance: bool = typer.Option(False, help="Ablation: no S2 LSTM / adaptive frame weights."),
+    no_text_enhance: bool = typer.Option(False, help="Ablation: no S3 keyword-guided word features."),
+    no_interaction: bool = typer.Option(False, help="Ablation: mean-pooled video feature instead of S4."),
+    no_temporal: bool = typer.Option(False, help="Ablation: no temporal transformer."),
+    fine_only: bool = typer.Option(False, help="Ablation: fine-grained score only."),
+    coarse_only: bool = typer.Option(False, help="Ablation: coarse score only."),
+    val_split: str = typer.Option("val", help="Split for per-epoch validation and best.pt (skipped if absent)."),
+    resume: bool = typer.Option(False, help="Continue the killed run in OUT from its last checkpoint."),
+    verbose: bool = typer.Option(False),
+):
+    """Train the retrieval heads on cached shards (never touches a video)."""
+    _setup_logging(verbose)
+    from heads.config import HeadConfig
+    from heads.trainer import TrainConfig
+    from pipeline.read import FeaturesError
+    from workflows.train import CURVES, METRICS, RunConfig, train
+
+    if fine_only and coarse_only:
+        _fail("--fine-only and --coarse-only exclude each other")
+    dev = _device(device)
+    try:
+        head = HeadConfig(variant=variant, temporal=not no_temporal, video_enhance=not no_video_enhance,
+                          text_enhance=not no_text_enhance, interaction=not no_interaction,
+                          fine=not coarse_only, coarse=not fine_only, max_frames=max_frames,
+                          temporal_layers=temporal_layers, dropout=dropout, unfreeze_proj=unfreeze_proj)
+        cfg = RunConfig(features=str(features.resolve()), head=head,
+                        train=TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                                          seed=seed, device=dev, amp=amp),
+                        batch_size=batch_size, max_words=max_words, val_split=val_split)
+        train(cfg, out, resume=resume)
+    except (FeaturesError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"run in {out}: config.json, {METRICS}, {CURVES}, last.pt"
+               + (", best.pt" if (out / "best.pt").exists() else ""))
+
+
+@app.command("eval")
+def eval_(
+    features: Path = typer.Option(Path("features"), help="Output folder of `extract`."),
+    run: Optional[Path] = typer.Option(None, help="Run folder of train-heads; without it: plain CLIP (meanP)."),
+    split: str = typer.Option("test"),
+    dsl: bool = typer.Option(False, help="Dual softmax at inference (reported apart from plain numbers)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics JSON here."),
+    chunk: int = typer.Option(256, min=1, help="Texts and videos per scoring block (bounds memory)."),
+    device: str = typer.Option("auto"),
+):
+    """R@1/5/10, MdR, MnR for text-to-video and video-to-text on one split."""
+    import json as _json
+    from pipeline.read import FeaturesError
+    from workflows.evaluate import EvalError, evaluate, format_table
+
+    try:
+        report = evaluate(features, run, split=split, dsl=dsl, device=_device(device), chunk=chunk)
+    except (FeaturesError, EvalError) as e:
+        _fail(str(e))
+    typer.echo(format_table(report))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(_json.dumps(report, indent=2))
+    if run:
+        typer.echo(f"per-query ranks and metrics in {run}")
+
+
+@app.command()
+def prepare(
+    dataset: str = typer.Argument(..., help="msrvtt | msvd | didemo | activitynet | lsmdc | vatex | generic"),
+    annotations: list[Path] = typer.Argument(..., help="Folder with the published annotation files, or the files."),
+    out: Path = typer.Option(Path("captions.jsonl"), help="Captions JSONL to write."),
+    videos_dir: Optional[Path] = typer.Option(None, help="Keep only captions whose video is in this folder."),
+    train_split: str = typer.Option("9k", help="MSR-VTT training list: 9k | 7k."),
+):
+    """Write the captions file `extract` reads, with the dataset's standard splits."""
+    from pipeline.adapters import AnnotationError, prepare as run_prepare
+
+    options = {"videos_dir": videos_dir} if videos_dir else {}
+    if dataset == "msrvtt":
+        options["train_split"] = train_split
+    try:
+        report = run_prepare(dataset, annotations if len(annotations) > 1 else annotations[0], out, **options)
+    except (AnnotationError, ValueError) as e:
+        _fail(str(e))
+    d = report.to_dict()
+    for split, counts in d["splits"].items():
+        typer.echo(f"{split:6} {counts['videos']:7} videos {counts['captions']:8} captions")
+    for note in d["notes"]:
+        typer.echo(f"note: {note}")
+    if d["skipped"]:
+        typer.echo(f"{len(d['skipped'])} row(s) skipped, listed in {Path(d['path']).with_suffix('.prepare.json')}")
+    typer.echo(f"wrote {d['path']}")
+
+
+@app.command("make-synthetic")
+def make_synthetic_cmd(
+    out: Path = typer.Argument(..., help="Folder for the videos and captions.jsonl."),
+    videos: int = typer.Option(200, min=4, help="Number of videos."),
+    seed: int = typer.Option(0),
+):
+    """Write a synthetic text-video set (real mp4 files, captions, train/val/test, time-reversed twins)."""
+    from pipeline.synthetic import make_synthetic
+
+    info = make_synthetic(out, videos, seed)
+    typer.echo(f"wrote {info['n_videos']} videos to {out}: splits {info['splits']}, "
+               f"{len(info['twins'])} time-reversed twin pairs; captions in {info['captions_file']}")
+
+
 if __name__ == "__main__":
     app()

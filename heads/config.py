@@ -1,0 +1,55 @@
+"""HeadConfig: the shape and switches of the retrieval head, saved beside every checkpoint."""
+import math
+from dataclasses import asdict, dataclass, fields
+
+# A baseline variant is a preset of the module switches: the same model class with modules left out.
+VARIANT_PRESETS = {
+    "full": {},
+    "meanp": dict(temporal=False, video_enhance=False, text_enhance=False, interaction=False,
+                  fine=False, coarse=True),
+    "seqtransf": dict(temporal=True, video_enhance=False, text_enhance=False, interaction=False,
+                      fine=False, coarse=True),
+}
+
+
+@dataclass
+class HeadConfig:
+    variant: str = "full"  # "full" (S2-S5), or a baseline preset "meanp" | "seqtransf" that overrides the switches below
+    temporal: bool = True  # S2 temporal transformer; off -> f = f0 (needed so that "every module off" is meanP)
+    video_enhance: bool = True  # S2 LSTM local enhancement + adaptive frame weights; off -> h = f, uniform frame weights
+    text_enhance: bool = True  # S3 keyword-guided word features; off -> w_e = w
+    interaction: bool = True  # S4 text-conditioned pooling for the coarse term; off -> coarse uses the mean-pooled v_bar
+    fine: bool = True  # S5 fine-grained (word x frame) term; the S2/S3 enhancements only feed this term
+    coarse: bool = True  # S5 coarse cos(t, v) term
+    temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
+    temporal_heads: int = 8  # attention heads of the temporal encoder and of the frame-weight self-attention
+    cross_heads: int = 1  # heads of the S3/S4 cross attentions (patent silent; X-Pool's default is 1)
+    max_frames: int = 12  # frames the data layer samples per video for training
+    max_positions: int = 64  # rows of the learned position table (>= max_frames), so evaluation on longer clips fits
+    dropout: float = 0.1  # dropout in the temporal encoder and the S3/S4 residual branches
+    unfreeze_proj: bool = False  # train CLIP's output projections too ("partially frozen CLIP")
+    logit_scale_init: float = math.log(100)  # initial tau (log of the InfoNCE inverse temperature), CLIP's value
+    logit_scale_max: float = math.log(100)  # tau is clamped to this, as CLIP does
+
+    def __post_init__(self):
+        if self.variant not in VARIANT_PRESETS:
+            raise ValueError(f"unknown head variant {self.variant!r}; expected one of {sorted(VARIANT_PRESETS)}")
+        for name, value in VARIANT_PRESETS[self.variant].items():
+            setattr(self, name, value)
+        if not (self.fine or self.coarse):
+            raise ValueError("at least one of fine / coarse must be on, or the head scores nothing")
+        if self.max_positions < self.max_frames:
+            raise ValueError(f"max_positions={self.max_positions} is smaller than max_frames={self.max_frames}")
+        if self.logit_scale_init > self.logit_scale_max:
+            raise ValueError("logit_scale_init exceeds logit_scale_max")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeadConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:  # a typo or a config from another version must not be silently dropped
+            raise ValueError(f"unknown HeadConfig fields: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,166 @@
+"""Bounded-memory retrieval evaluation: ranks for every text and video without the full Nt x Nv matrix.
+
+S4 makes the video feature depend on the (text, video) pair, so scores cannot be a product of two
+embedding tables. Instead videos stream in chunks, each scored against all texts in text chunks, and only
+per-query counts are kept. Memory grows with the chunk sizes (the largest block is
+text_chunk x video_chunk x words x frames for the fine term), never with the gallery size; the encoded
+texts are held for the whole evaluation (as large as the `texts` given).
+
+Passes over video_chunks():
+  1. own-pair scores (score_pairs: each text with its own video), cheap;
+  (dsl only) the softmax normalisers: for each video the logsumexp over all texts of temp * s, for each
+     text the logsumexp over all videos; both need every score, hence a full extra pass;
+  2. counts: for each text, other videos scoring strictly higher than its own video; for each video,
+     captions of other videos scoring strictly higher than its best own caption (see metrics.py tie rule).
+Own pairs are excluded from the counts by index, not by score, so a last-bit difference between
+score_pairs and score() can never move a rank.
+"""
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .metrics import check_text_to_video, dsl_rescale, metrics_from_ranks, ranks_from_scores
+from .model import TEXT_KEYS, VIDEO_KEYS, RetrievalHead, TextFeatures, VideoFeatures
+
+VideoChunks = Callable[[], Iterable[tuple[int, dict]]]
+
+
+@dataclass
+class EvalResult:
+    t2v_ranks: Tensor  # (Nt,) rank of each text's own video, from 1
+    v2t_ranks: Tensor  # (Nv,) rank of each video's best own caption, from 1
+    t2v: dict  # metrics_from_ranks(t2v_ranks)
+    v2t: dict  # metrics_from_ranks(v2t_ranks)
+    top_k_indices: Optional[Tensor] = None  # (Nt, k) best videos per text, best first (if asked)
+    top_k_scores: Optional[Tensor] = None  # (Nt, k) their scores (DSL-rescaled with dsl=True)
+
+    def as_dict(self) -> dict:
+        """Flat metrics such as t2v_R1, v2t_MdR (what the trainer's validate() returns)."""
+        return {f"{side}_{k}": v for side in ("t2v", "v2t") for k, v in getattr(self, side).items()}
+
+
+def _encode_texts(model: RetrievalHead, texts: dict, text_chunk: int, device) -> list[tuple[int, TextFeatures]]:
+    n_texts = len(texts["text_global"])
+    return [(s, model.encode_text(*(texts[k][s:s + text_chunk].to(device) for k in TEXT_KEYS)))
+            for s in range(0, n_texts, text_chunk)]
+
+
+def _encode_videos(model: RetrievalHead, video_chunks: VideoChunks, n_videos: int,
+                   device) -> Iterator[tuple[int, VideoFeatures]]:
+    seen = 0
+    for start, batch in video_chunks():
+        video = model.encode_video(*(batch[k].to(device) for k in VIDEO_KEYS))
+        seen += len(video)
+        yield start, video
+    if seen != n_videos:
+        raise ValueError(f"video_chunks() yielded {seen} videos, expected {n_videos}")
+
+
+class _Evaluating:
+    """inference_mode + eval(), restoring the model's previous mode (the trainer validates mid-run)."""
+
+    def __init__(self, model):
+        self.model, self.inference = model, torch.inference_mode()
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        self.inference.__enter__()
+
+    def __exit__(self, *exc):
+        self.inference.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def score_matrix(model: RetrievalHead, texts: dict, video_chunks: VideoChunks, n_videos: int,
+                 text_chunk: int = 256, device="cpu") -> Tensor:
+    """The full (Nt, Nv) score matrix, on the CPU; for small sets only."""
+    with _Evaluating(model):
+        text_feats = _encode_texts(model, texts, text_chunk, device)
+        n_texts = len(texts["text_global"])
+        scores = torch.empty(n_texts, n_videos)
+        for start, video in _encode_videos(model, video_chunks, n_videos, device):
+            for ts, text in text_feats:
+                scores[ts:ts + len(text), start:start + len(video)] = model.score(text, video).float().cpu()
+        return scores
+
+
+def rank_all(model: RetrievalHead, texts: dict, text_to_video: Tensor, video_chunks: VideoChunks,
+             n_videos: int, text_chunk: int = 256, device="cpu", dsl: bool = False, dsl_temp: float = 100.0,
+             top_k: int = 0) -> EvalResult:
+    """Ranks of all Nt texts (t2v) and Nv videos (v2t) in bounded memory; see the module docstring.
+
+    texts: the TEXT_KEYS tensors for all Nt queries. text_to_video: (Nt,) own video of each caption.
+    video_chunks(): yields (start, {frames, frame_mask}) for videos start..start+len; called once per pass.
+    dsl: rank on dual-softmax scores (metrics.dual_softmax) with temperature dsl_temp.
+    top_k: also return the best top_k videos (indices, scores) per text.
+    """
+    device = torch.device(device)
+    text_to_video = text_to_video.to(device)
+    check_text_to_video(text_to_video, n_videos)
+    n_texts = len(text_to_video)
+    with _Evaluating(model):
+        text_feats = _encode_texts(model, texts, text_chunk, device)
+        videos = lambda: _encode_videos(model, video_chunks, n_videos, device)  # noqa: E731
+
+        # pass 1: own-pair scores
+        own = torch.empty(n_texts, device=device)
+        for start, video in videos():
+            for ts, text in text_feats:
+                mine = text_to_video[ts:ts + len(text)] - start  # (nt,) own video, relative to this chunk
+                sel = ((mine >= 0) & (mine < len(video))).nonzero().flatten()
+                if len(sel):
+                    own[ts + sel] = model.score_pairs(text.index(sel), video.index(mine[sel])).float()
+
+        # dsl pass: logsumexp of temp * s over texts per video (t2v prior) and over videos per text (v2t prior)
+        lse_texts = torch.full((n_videos,), -torch.inf, device=device)
+        lse_videos = torch.full((n_texts,), -torch.inf, device=device)
+        if dsl:
+            for start, video in videos():
+                for ts, text in text_feats:
+                    s = model.score(text, video).float() * dsl_temp  # (nt, nv)
+                    te, ve = ts + len(text), start + len(video)
+                    lse_videos[ts:te] = torch.logaddexp(lse_videos[ts:te], s.logsumexp(1))
+                    lse_texts[start:ve] = torch.logaddexp(lse_texts[start:ve], s.logsumexp(0))
+        own_t2v = dsl_rescale(own, lse_texts[text_to_video], dsl_temp) if dsl else own  # (Nt,)
+        own_v2t = dsl_rescale(own, lse_videos, dsl_temp) if dsl else own  # (Nt,)
+        best_own = torch.full((n_videos,), -torch.inf, device=device)
+        best_own = best_own.scatter_reduce(0, text_to_video, own_v2t, "amax")  # (Nv,) best own caption per video
+
+        # pass 2: strictly-greater counts
+        t2v_count = torch.zeros(n_texts, dtype=torch.long, device=device)
+        v2t_count = torch.zeros(n_videos, dtype=torch.long, device=device)
+        k = min(top_k, n_videos)
+        top_scores = torch.full((n_texts, k), -torch.inf, device=device)
+        top_indices = torch.zeros((n_texts, k), dtype=torch.long, device=device)
+        for start, video in videos():
+            ve = start + len(video)
+            video_idx = torch.arange(start, ve, device=device)  # (nv,)
+            for ts, text in text_feats:
+                te = ts + len(text)
+                s = model.score(text, video).float()  # (nt, nv)
+                s_t2v = dsl_rescale(s, lse_texts[None, start:ve], dsl_temp) if dsl else s
+                s_v2t = dsl_rescale(s, lse_videos[ts:te, None], dsl_temp) if dsl else s
+                is_own = text_to_video[ts:te, None] == video_idx[None, :]  # (nt, nv)
+                t2v_count[ts:te] += ((s_t2v > own_t2v[ts:te, None]) & ~is_own).sum(1)
+                v2t_count[start:ve] += ((s_v2t > best_own[None, start:ve]) & ~is_own).sum(0)
+                if k:
+                    merged = torch.cat([top_scores[ts:te], s_t2v], 1)  # (nt, k + nv)
+                    merged_idx = torch.cat([top_indices[ts:te], video_idx.expand(te - ts, -1)], 1)
+                    top_scores[ts:te], pos = merged.topk(k, dim=1)
+                    top_indices[ts:te] = merged_idx.gather(1, pos)
+
+    t2v_ranks, v2t_ranks = (1 + t2v_count).cpu(), (1 + v2t_count).cpu()
+    return EvalResult(t2v_ranks=t2v_ranks, v2t_ranks=v2t_ranks,
+                      t2v=metrics_from_ranks(t2v_ranks), v2t=metrics_from_ranks(v2t_ranks),
+                      top_k_indices=top_indices.cpu() if k else None, top_k_scores=top_scores.cpu() if k else None)
+
+
+def rank_small(model: RetrievalHead, texts: dict, text_to_video: Tensor, video_chunks: VideoChunks,
+               n_videos: int, dsl: bool = False, dsl_temp: float = 100.0, **kw) -> EvalResult:
+    """Reference path for small sets: ranks_from_scores on the full score_matrix."""
+    t2v_ranks, v2t_ranks = ranks_from_scores(score_matrix(model, texts, video_chunks, n_videos, **kw),
+                                             text_to_video, dsl=dsl, dsl_temp=dsl_temp)
+    return EvalResult(t2v_ranks, v2t_ranks, metrics_from_ranks(t2v_ranks), metrics_from_ranks(v2t_ranks))

@@ -1,0 +1,144 @@
+"""Building blocks of the retrieval head, one small module per role (S2-S4 of METHOD.md)."""
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of x (B, L, D) over the positions where mask (B, L) is True -> (B, D)."""
+    x = torch.where(mask.unsqueeze(-1), x, 0)  # where, not multiply: padding may hold anything
+    return x.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over the True positions of mask; every row must have at least one."""
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim)
+
+
+class Projections(nn.Module):
+    """CLIP's own output projections (x @ proj), frozen unless the run fine-tunes them."""
+
+    def __init__(self, image_proj: Tensor, text_proj: Tensor, trainable: bool = False):
+        super().__init__()
+        if image_proj.shape[1] != text_proj.shape[1]:
+            raise ValueError(f"projection widths differ: {tuple(image_proj.shape)} vs {tuple(text_proj.shape)}")
+        self.image = nn.Parameter(image_proj.detach().clone().float(), requires_grad=trainable)  # (Dv, D)
+        self.text = nn.Parameter(text_proj.detach().clone().float(), requires_grad=trainable)  # (Dt, D)
+
+    def project_image(self, x: Tensor) -> Tensor:
+        return x @ self.image
+
+    def project_text(self, x: Tensor) -> Tensor:
+        return x @ self.text
+
+
+class TemporalEncoder(nn.Module):
+    """S2 temporal: f = f0 + Enc(f0 + P[:F]), CLIP4Clip's seqTransf."""
+
+    def __init__(self, dim: int, layers: int, heads: int, max_positions: int, dropout: float):
+        super().__init__()
+        self.position_embedding = nn.Parameter(torch.randn(max_positions, dim) * 0.01)  # (P, D)
+        # pre-LN with GELU like CLIP's own blocks; no nested tensors so padded and unpadded inputs take one path
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, f0: Tensor, mask: Tensor) -> Tensor:
+        n_frames = f0.shape[1]
+        if n_frames > len(self.position_embedding):
+            raise ValueError(f"{n_frames} frames exceed the position table ({len(self.position_embedding)}); "
+                             "raise HeadConfig.max_positions")
+        x = f0 + self.position_embedding[:n_frames]  # (B, F, D)
+        return f0 + self.encoder(x, src_key_padding_mask=~mask)  # (B, F, D)
+
+
+class LocalEnhancer(nn.Module):
+    """S2 local enhancement: h_i = f_i + LSTM(concat(v_bar, f_i))_i."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lstm = nn.LSTM(2 * dim, dim, batch_first=True)
+
+    def forward(self, f: Tensor, v_bar: Tensor) -> Tensor:
+        x = torch.cat([v_bar.unsqueeze(1).expand_as(f), f], dim=-1)  # (B, F, 2D)
+        # unidirectional and padded at the end: padding steps come after every valid step, so they cannot
+        # reach a valid output (no packing needed, and no lengths to copy to the CPU)
+        out, _ = self.lstm(x)  # (B, F, D)
+        return f + out  # the residual keeps the CLIP signal while the LSTM is untrained
+
+
+class FrameWeights(nn.Module):
+    """S2 adaptive weights: a_i = sigmoid(FC2(SelfAttn(FC1(h_i)))), one weight in (0, 1) per frame, 0 on padding."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.fc2 = nn.Linear(dim, 1)
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        x = self.fc1(h)  # (B, F, D)
+        x, _ = self.attn(x, x, x, key_padding_mask=~mask, need_weights=False)  # (B, F, D)
+        a = torch.sigmoid(self.fc2(x)).squeeze(-1)  # (B, F)
+        return torch.where(mask, a, 0)
+
+
+class KeywordAttention(nn.Module):
+    """S3: w_e = w + Dropout(MHA(Q=LN(w), K=LN(k), V=LN(k))); a caption with no keywords keeps w_e = w."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.ln_words = nn.LayerNorm(dim)
+        self.ln_keywords = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, w: Tensor, k: Tensor, k_mask: Tensor) -> Tensor:
+        if k.shape[1] == 0:
+            return w
+        has_kw = k_mask.any(1)  # (B,)
+        # a row with every key masked is an all -inf softmax (NaN): let keyword-less captions attend to
+        # their padding and drop that update below, so their w_e is w exactly
+        key_padding = ~(k_mask | ~has_kw.unsqueeze(1))  # (B, K)
+        k = self.ln_keywords(k)  # (B, K, D)
+        delta, _ = self.attn(self.ln_words(w), k, k, key_padding_mask=key_padding, need_weights=False)  # (B, N, D)
+        return w + torch.where(has_kw[:, None, None], self.drop(delta), 0)  # (B, N, D)
+
+
+class TextConditionedPool(nn.Module):
+    """S4: v = LN2(z + Dropout(Linear(z))), z = LN1(MHA(Q=t, K=f, V=f)) (X-Pool with the patent's two LayerNorms).
+
+    v depends on the (text, video) pair. For all Nt x Nv pairs the single-query attention is a softmax over
+    frames of (t W_q)(f W_k)^T per head, so nothing larger than (Nt, Nv, H, F) and (Nt, Nv, D) is built.
+    With aligned=True text i is pooled over video i only, giving (N, D).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.ln1 = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.ln2 = nn.LayerNorm(dim)
+
+    def _split(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, -1))  # (..., D) -> (..., H, D/H)
+
+    def attention(self, t: Tensor, f: Tensor, mask: Tensor, aligned: bool = False) -> Tensor:
+        """Attention of each text over each video's frames: (Nt, Nv, H, F), or (N, H, F) if aligned."""
+        q, k = self._split(self.q(t)), self._split(self.k(f))  # (Nt, H, d), (Nv, F, H, d)
+        logits = torch.einsum("nhd,nfhd->nhf" if aligned else "thd,vfhd->tvhf", q, k) / math.sqrt(q.shape[-1])
+        frame_mask = mask[:, None, :] if aligned else mask[None, :, None, :]
+        return masked_softmax(logits, frame_mask)
+
+    def forward(self, t: Tensor, f: Tensor, mask: Tensor, aligned: bool = False) -> Tensor:
+        attn = self.attention(t, f, mask, aligned)  # (Nt, Nv, H, F) or (N, H, F)
+        values = self._split(self.v(f))  # (Nv, F, H, d)
+        z = torch.einsum("nhf,nfhd->nhd" if aligned else "tvhf,vfhd->tvhd", attn, values).flatten(-2)  # (Nt, Nv, D)
+        z = self.ln1(self.out(z))  # (Nt, Nv, D)
+        return self.ln2(z + self.drop(self.linear(z)))  # (Nt, Nv, D) or (N, D)

@@ -1,0 +1,185 @@
+"""RetrievalHead: scores (text, video) pairs from cached CLIP features (METHOD.md S2-S5 and its baselines).
+
+Read top to bottom: encode_video (S2), encode_text (S3), score (S4 coarse + S5 fine), forward (InfoNCE).
+All inputs are CLIP features before the output projection; padding (mask False) is ignored everywhere.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import HeadConfig
+from .layers import (FrameWeights, KeywordAttention, LocalEnhancer, Projections, TemporalEncoder,
+                     TextConditionedPool, masked_mean, masked_softmax)
+from .loss import symmetric_infonce
+
+TEXT_KEYS = ("text_global", "tokens", "token_mask", "keywords", "keyword_mask")
+VIDEO_KEYS = ("frames", "frame_mask")
+
+
+class _Rows:
+    """Row selection for a dataclass of tensors that share their first dimension."""
+
+    def index(self, idx):
+        return type(self)(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    def __len__(self):
+        return len(self.mask)
+
+
+@dataclass
+class VideoFeatures(_Rows):
+    f0: Tensor  # (Nv, F, D) projected frames
+    f: Tensor  # (Nv, F, D) temporal frame features
+    v_bar: Tensor  # (Nv, D) masked mean of f
+    h: Tensor  # (Nv, F, D) enhanced local features
+    a: Tensor  # (Nv, F) adaptive frame weights in (0, 1), 0 on padding
+    mask: Tensor  # (Nv, F) True = real frame
+
+
+@dataclass
+class TextFeatures(_Rows):
+    t: Tensor  # (Nt, D) projected global (EOT) feature
+    w: Tensor  # (Nt, N, D) projected word tokens
+    w_e: Tensor  # (Nt, N, D) keyword-enhanced word tokens
+    alpha: Tensor  # (Nt, N) word weights, sum to 1 over real tokens
+    mask: Tensor  # (Nt, N) True = real token
+
+
+class RetrievalHead(nn.Module):
+
+    def __init__(self, cfg: HeadConfig, image_proj: Tensor, text_proj: Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.proj = Projections(image_proj, text_proj, trainable=cfg.unfreeze_proj)
+        dim = image_proj.shape[1]
+        # a switched-off module is never built, so ablations differ in parameters, not just in behaviour;
+        # the S2/S3 enhancements and the word weights only feed the fine term
+        self.temporal = (TemporalEncoder(dim, cfg.temporal_layers, cfg.temporal_heads, cfg.max_positions,
+                                         cfg.dropout) if cfg.temporal else None)
+        enhance_video = cfg.fine and cfg.video_enhance
+        self.local = LocalEnhancer(dim) if enhance_video else None
+        self.frame_weights = FrameWeights(dim, cfg.temporal_heads) if enhance_video else None
+        self.keyword_attn = (KeywordAttention(dim, cfg.cross_heads, cfg.dropout)
+                             if cfg.fine and cfg.text_enhance else None)
+        # DRL's learned word-importance score; no bias: a softmax ignores a shared shift
+        self.word_weights = nn.Linear(dim, 1, bias=False) if cfg.fine else None
+        self.pool = (TextConditionedPool(dim, cfg.cross_heads, cfg.dropout)
+                     if cfg.coarse and cfg.interaction else None)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+
+    # ---- S2: video ---------------------------------------------------------------------------------
+    def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
+        f0 = self.proj.project_image(frames)  # (Nv, F, D)
+        f = self.temporal(f0, frame_mask) if self.temporal is not None else f0  # (Nv, F, D)
+        v_bar = masked_mean(f, frame_mask)  # (Nv, D)
+        if self.local is not None:
+            h = self.local(f, v_bar)  # (Nv, F, D)
+            # the weights act as frame weights of the fine match; scaling h by them would not change a cosine
+            a = self.frame_weights(h, frame_mask)  # (Nv, F)
+        else:
+            h, a = f, frame_mask.to(f.dtype)  # (Nv, F, D), (Nv, F)
+        return VideoFeatures(f0=f0, f=f, v_bar=v_bar, h=h, a=a, mask=frame_mask)
+
+    # ---- S3: text ----------------------------------------------------------------------------------
+    def encode_text(self, text_global: Tensor, tokens: Tensor, token_mask: Tensor,
+                    keywords: Tensor, keyword_mask: Tensor) -> TextFeatures:
+        t = self.proj.project_text(text_global)  # (Nt, D)
+        w = self.proj.project_text(tokens)  # (Nt, N, D)
+        if self.keyword_attn is not None:
+            k = self.proj.project_text(keywords)  # (Nt, K, D)
+            w_e = self.keyword_attn(w, k, keyword_mask)  # (Nt, N, D)
+        else:
+            w_e = w
+        if self.word_weights is not None:
+            alpha = masked_softmax(self.word_weights(w_e).squeeze(-1), token_mask)  # (Nt, N)
+        else:
+            alpha = token_mask / token_mask.sum(1, keepdim=True)  # (Nt, N)
+        return TextFeatures(t=t, w=w, w_e=w_e, alpha=alpha, mask=token_mask)
+
+    # ---- S4 + S5: similarity -------------------------------------------------------------------------
+    def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+        """All-pairs similarity (Nt, Nv) = fine + coarse."""
+        return self._score(text, video, aligned=False)
+
+    def score_pairs(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+        """Similarity of text i with video i, (N,); the diagonal of score() at O(N) cost."""
+        if len(text) != len(video):
+            raise ValueError(f"score_pairs needs as many texts as videos, got {len(text)} and {len(video)}")
+        return self._score(text, video, aligned=True)
+
+    def _score(self, text: TextFeatures, video: VideoFeatures, aligned: bool) -> Tensor:
+        s = 0
+        if self.cfg.coarse:
+            s = s + self._coarse(text, video, aligned)
+        if self.cfg.fine:
+            s = s + self._fine(text, video, aligned)
+        return s
+
+    def _coarse(self, text: TextFeatures, video: VideoFeatures, aligned: bool) -> Tensor:
+        t = F.normalize(text.t, dim=-1)  # (Nt, D)
+        if self.pool is None:
+            v = F.normalize(video.v_bar, dim=-1)  # (Nv, D)
+            return (t * v).sum(-1) if aligned else t @ v.T  # (N,) or (Nt, Nv)
+        v = F.normalize(self.pool(text.t, video.f, video.mask, aligned), dim=-1)  # (N, D) or (Nt, Nv, D)
+        return (t * v).sum(-1) if aligned else torch.einsum("td,tvd->tv", t, v)
+
+    def _word_frame_cos(self, text: TextFeatures, video: VideoFeatures, aligned: bool):
+        """Cosines c (Nt, Nv, N, F) of every word with every frame, and the frame mask and weights laid out
+        to broadcast against it. Aligned pairs are laid out as an (N, 1) grid so one code path serves both."""
+        w = F.normalize(text.w_e, dim=-1)  # (Nt, N, D)
+        h = F.normalize(video.h, dim=-1)  # (Nv, F, D)
+        if aligned:
+            c = torch.einsum("twd,tfd->twf", w, h).unsqueeze(1)  # (N, 1, N_w, F)
+            return c, video.mask.unsqueeze(1), video.a.unsqueeze(1)  # (N, 1, F)
+        c = torch.einsum("twd,vfd->tvwf", w, h)  # (Nt, Nv, N, F)
+        return c, video.mask.unsqueeze(0), video.a.unsqueeze(0)  # (1, Nv, F)
+
+    def _fine(self, text: TextFeatures, video: VideoFeatures, aligned: bool) -> Tensor:
+        """DRL's weighted token interaction with the patent's frame weights."""
+        c, frame_mask, a = self._word_frame_cos(text, video, aligned)  # (Nt, Nv, N, F), (., ., F), (., ., F)
+        word_mask = text.mask.unsqueeze(1)  # (Nt, 1, N)
+        best_frame = c.masked_fill(~frame_mask.unsqueeze(2), -math.inf).amax(-1)  # (Nt, Nv, N)
+        best_word = c.masked_fill(~word_mask.unsqueeze(-1), -math.inf).amax(-2)  # (Nt, Nv, F)
+        beta = a / a.sum(-1, keepdim=True)  # (., ., F) normalised over valid frames
+        t2v = torch.where(word_mask, best_frame * text.alpha.unsqueeze(1), 0).sum(-1)  # (Nt, Nv)
+        v2t = torch.where(frame_mask, best_word * beta, 0).sum(-1)  # (Nt, Nv)
+        s = (t2v + v2t) / 2
+        return s.squeeze(1) if aligned else s
+
+    def explain(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+        """Per-frame relevance (Nt, Nv, F), 0 on padding; compare frames within one pair, not across pairs.
+
+        The sum of the S4 attention over frames (mean over heads) and each frame's best-word cosine of the
+        fine match; a head with neither term uses cos(t, f_i).
+        """
+        relevance = 0
+        if self.pool is not None:
+            relevance = relevance + self.pool.attention(text.t, video.f, video.mask).mean(2)  # (Nt, Nv, F)
+        if self.cfg.fine:
+            c, _, _ = self._word_frame_cos(text, video, aligned=False)  # (Nt, Nv, N, F)
+            relevance = relevance + c.masked_fill(~text.mask[:, None, :, None], -math.inf).amax(2)  # (Nt, Nv, F)
+        if not torch.is_tensor(relevance):
+            t, f = F.normalize(text.t, dim=-1), F.normalize(video.f, dim=-1)  # (Nt, D), (Nv, F, D)
+            relevance = torch.einsum("td,vfd->tvf", t, f)  # (Nt, Nv, F)
+        return torch.where(video.mask.unsqueeze(0), relevance, 0)
+
+    # ---- training ------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> tuple[Tensor, dict]:
+        """Symmetric InfoNCE over the B x B score matrix of a batch where text i matches video i."""
+        text = self.encode_text(*(batch[k] for k in TEXT_KEYS))
+        video = self.encode_video(*(batch[k] for k in VIDEO_KEYS))
+        s = self.score(text, video)  # (B, B)
+        # tau is kept <= its maximum in place after each optimiser step (clamp_logit_scale_, as open_clip
+        # does): a clamp here would zero tau's gradient at the limit, where it starts
+        scale = self.logit_scale.exp()
+        loss = symmetric_infonce(s * scale)
+        return loss, {"loss": loss.detach(), "logit_scale": scale.detach(), "pos_score": s.diagonal().mean().detach()}
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self):
+        """Keep tau <= its maximum; the trainer calls this after every optimiser step."""
+        self.logit_scale.clamp_(max=self.cfg.logit_scale_max)

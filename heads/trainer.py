@@ -1,0 +1,172 @@
+"""The training loop for a RetrievalHead on cached features: AdamW, warm-up + cosine, checkpoints, resume.
+
+Data order is the caller's: train_batches(epoch) must yield the same batches for the same epoch (derive any
+shuffling from seed + epoch), which with the saved optimiser, scheduler and RNG state makes a resumed run end
+with exactly the weights of an uninterrupted one (on the CPU; CUDA kernels need not be deterministic).
+"""
+import itertools
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from .config import HeadConfig
+from .model import RetrievalHead
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # the schedule spans all of them; a resumed run must use the same value
+    lr: float = 1e-4  # peak learning rate of the heads
+    weight_decay: float = 0.2  # AdamW decay on weight matrices only
+    warmup: float = 0.1  # fraction of all steps spent in linear warm-up before the cosine decay
+    grad_clip: float = 1.0  # max global gradient norm
+    seed: int = 0  # seeds the global torch RNG (dropout) at the start of a fresh run
+    device: str = "cpu"  # where the model and the batches go
+    amp: str = "none"  # "none" | "bf16" | "fp16" autocast; ignored off CUDA
+    log_every: int = 50  # steps between log lines
+
+    def __post_init__(self):
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"unknown amp mode {self.amp!r}; expected 'none', 'bf16' or 'fp16'")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay weight matrices only; no decay on biases, LayerNorm, position embeddings or tau (as CLIP does)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "position_embedding" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor per step: linear warm-up to 1, then cosine to 0 at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _save(obj: dict, path: Path):
+    """Write then rename, so a crash mid-write never leaves a truncated checkpoint behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _plain(v):
+    """Python scalars for anything logged, so checkpoints hold only what weights_only loading accepts."""
+    return v.item() if torch.is_tensor(v) and v.numel() == 1 else v
+
+
+def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], steps_per_epoch: int,
+        cfg: TrainConfig, run_dir, validate: Optional[Callable[[RetrievalHead], dict]] = None,
+        on_epoch_end: Optional[Callable[[dict], None]] = None, resume: bool = False) -> list[dict]:
+    """Train for cfg.epochs; return one dict per epoch (epoch, loss, lr, seconds, data_wait_share, validate()).
+
+    train_batches(epoch): batches of the model's input dict for that epoch, deterministic in epoch; at most
+    steps_per_epoch are taken. validate(model) -> metrics dict; best.pt tracks its "t2v_R1" (or "R1").
+    Each epoch writes run_dir/last.pt before on_epoch_end(record) is called; resume=True continues from it.
+    data_wait_share: the fraction of the epoch's training time spent waiting for the next batch.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(round(cfg.warmup * total_steps), total_steps))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)  # bf16 needs no loss scaling
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    start_epoch, step, best, history = 0, 0, -math.inf, []
+    if resume:
+        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, best, history = ckpt["epochs_done"], ckpt["step"], ckpt["best_metric"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if ckpt["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        log.info("resumed from %s at epoch %d, step %d", run_dir / "last.pt", start_epoch, step)
+    else:
+        torch.manual_seed(cfg.seed)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        started, waited, loss_sum, n_steps = time.perf_counter(), 0.0, torch.zeros((), device=device), 0
+        batches = iter(itertools.islice(train_batches(epoch), steps_per_epoch))
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - t0
+            if batch is None:
+                break
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, logs = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            model.clamp_logit_scale_()
+            step, n_steps, loss_sum = step + 1, n_steps + 1, loss_sum + loss.detach()
+            if step % cfg.log_every == 0:  # .item() syncs the device, so only here
+                log.info("epoch %d step %d %s lr %.3g", epoch, step,
+                         " ".join(f"{k} {_plain(v):.4f}" for k, v in logs.items()), scheduler.get_last_lr()[0])
+        seconds = time.perf_counter() - started
+
+        record = {"epoch": epoch, "loss": (loss_sum / max(1, n_steps)).item(), "lr": scheduler.get_last_lr()[0],
+                  "seconds": seconds, "data_wait_share": waited / seconds if seconds > 0 else 0.0}
+        if validate is not None:
+            record.update({k: _plain(v) for k, v in validate(model).items()})
+        history.append(record)
+        metric = record.get("t2v_R1", record.get("R1"))
+        is_best = metric is not None and metric > best
+        best = metric if is_best else best
+
+        # the RNG state is taken after validate(), the last thing before the next epoch in an unbroken run
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epochs_done": epoch + 1, "step": step, "best_metric": best, "history": history,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "head_config": model.cfg.to_dict(), "train_config": asdict(cfg)}
+        _save(ckpt, run_dir / "last.pt")
+        if is_best:
+            _save(ckpt, run_dir / "best.pt")
+        log.info("epoch %d done: %s", epoch, record)
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+    return history
+
+
+def load_head(path, map_location="cpu") -> RetrievalHead:
+    """Rebuild a RetrievalHead from a fit() checkpoint (config + weights, projections included)."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    state = ckpt["model"]
+    model = RetrievalHead(HeadConfig.from_dict(ckpt["head_config"]), state["proj.image"], state["proj.text"])
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,159 @@
+"""Reader: the shards of an `extract` output folder, for the trainer, the evaluator and search.
+
+Tables (videos, captions) are small and read whole with pyarrow; dense arrays stay in
+HDF5 and are read by index, so a collection never has to fit in memory.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import schema as S
+
+
+class FeaturesError(ValueError):
+    """A features folder that cannot be read; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    pretrained: str
+    image_dim: int
+    text_dim: int
+    embed_dim: int
+
+
+def uniform_indices(n: int, k: int) -> np.ndarray:
+    """At most k of n frame indices, spread uniformly (all of them when n <= k)."""
+    if n <= k:
+        return np.arange(n)
+    return np.linspace(0, n - 1, num=k).round().astype(np.int64)
+
+
+class FeatureStore:
+    """Every complete shard of a features folder; videos that failed extraction are left out."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        shard_dirs = sorted((self.root / S.SHARDS_DIR).glob(f"{S.SHARD_PREFIX}*")) \
+            if (self.root / S.SHARDS_DIR).is_dir() else []
+        if not shard_dirs:
+            raise FeaturesError(f"{self.root}: no shards found (run `python cli.py extract` first)")
+        self.shard_dirs = shard_dirs
+        videos, captions, infos = [], [], []
+        for i, d in enumerate(shard_dirs):
+            try:
+                with h5py.File(d / S.FEATURES_FILE, "r") as h5:
+                    version = int(h5.attrs["schema_version"])
+                    if version != S.SCHEMA_VERSION:
+                        raise FeaturesError(f"{d}: schema version {version}, this code reads {S.SCHEMA_VERSION}")
+                    infos.append(ModelInfo(str(h5.attrs["model"]), str(h5.attrs["pretrained"]),
+                                           int(h5.attrs["image_dim"]), int(h5.attrs["text_dim"]),
+                                           int(h5.attrs["embed_dim"])))
+                    if i == 0:
+                        self.image_proj = h5[S.H5_IMAGE_PROJ][()]
+                        self.text_proj = h5[S.H5_TEXT_PROJ][()]
+                v = pq.read_table(d / S.VIDEOS_FILE)
+                v = v.append_column("shard_pos", pa.array([i] * v.num_rows, pa.int32()))
+                c = pq.read_table(d / S.CAPTIONS_FILE)
+                c = c.append_column("shard_pos", pa.array([i] * c.num_rows, pa.int32()))
+                c = c.append_column("row_in_shard", pa.array(np.arange(c.num_rows), pa.int64()))
+            except (OSError, KeyError, pa.ArrowInvalid) as e:
+                raise FeaturesError(f"{d}: unreadable shard ({type(e).__name__}: {e})") from None
+            videos.append(v)
+            captions.append(c)
+        if len(set(infos)) != 1:
+            raise FeaturesError(f"{self.root}: shards come from different models: {sorted(set(infos), key=str)}")
+        self.info = infos[0]
+        all_videos = pa.concat_tables(videos).to_pylist()
+        self.videos = [v for v in all_videos if v["status"] == S.STATUS_OK]
+        self.video_index = {v["video_id"]: i for i, v in enumerate(self.videos)}
+        self.captions = [c for c in pa.concat_tables(captions).to_pylist() if c["video_id"] in self.video_index]
+        self._local = threading.local()
+
+    # --- tables -----------------------------------------------------------------------
+    def splits(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for c in self.captions:
+            counts[c["split"]] = counts.get(c["split"], 0) + 1
+        return counts
+
+    def split_captions(self, split: str) -> list[int]:
+        """Indices into self.captions of one split."""
+        return [i for i, c in enumerate(self.captions) if c["split"] == split]
+
+    def caption_video(self, caption_indices: list[int]) -> np.ndarray:
+        return np.array([self.video_index[self.captions[i]["video_id"]] for i in caption_indices], np.int64)
+
+    def config(self) -> dict:
+        path = self.root / S.CONFIG_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    # --- arrays -----------------------------------------------------------------------
+    def _h5(self, shard_pos: int) -> h5py.File:
+        files = getattr(self._local, "files", None)
+        if files is None:  # one set of handles per thread: h5py handles are not shared safely
+            files = self._local.files = {}
+        if shard_pos not in files:
+            files[shard_pos] = h5py.File(self.shard_dirs[shard_pos] / S.FEATURES_FILE, "r")
+        return files[shard_pos]
+
+    def frames(self, video_indices, max_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, F, Dv) float32 frames (uniformly sampled, zero padded) and (B, F) bool mask."""
+        rows = [self.videos[i] for i in video_indices]
+        picks = [uniform_indices(r["num_frames"], max_frames) for r in rows]
+        width = max(1, max((len(p) for p in picks), default=1))
+        out = np.zeros((len(rows), width, self.info.image_dim), np.float32)
+        mask = np.zeros((len(rows), width), bool)
+        for b, (r, p) in enumerate(zip(rows, picks)):
+            block = self._h5(r["shard_pos"])[S.H5_FRAMES][r["frame_start"]:r["frame_start"] + r["num_frames"]]
+            out[b, :len(p)] = block[p]
+            mask[b, :len(p)] = True
+        return out, mask
+
+    def frame_times(self, video_index: int) -> np.ndarray:
+        r = self.videos[video_index]
+        return self._h5(r["shard_pos"])[S.H5_FRAME_TIMES][r["frame_start"]:r["frame_start"] + r["num_frames"]]
+
+    def texts(self, caption_indices, max_words: int) -> dict[str, np.ndarray]:
+        """Global feature, tokens (SOT..EOT, at most max_words) and keyword features with masks."""
+        rows = [self.captions[i] for i in caption_indices]
+        n = len(rows)
+        lengths = [min(r["num_tokens"], max_words) for r in rows]
+        width = max(1, max(lengths, default=1))
+        k_max = max(1, max((len(r["keywords"]) for r in rows), default=1))
+        dt = self.info.text_dim
+        out = {
+            "text_global": np.zeros((n, dt), np.float32),
+            "tokens": np.zeros((n, width, dt), np.float32),
+            "token_mask": np.zeros((n, width), bool),
+            "keywords": np.zeros((n, k_max, dt), np.float32),
+            "keyword_mask": np.zeros((n, k_max), bool),
+        }
+        for b, r in enumerate(rows):
+            h5 = self._h5(r["shard_pos"])
+            toks = h5[S.H5_TOKENS][r["token_start"]:r["token_start"] + r["num_tokens"]]
+            out["text_global"][b] = toks[-1]  # the EOT token of the whole caption
+            keep = lengths[b]
+            # Long captions keep their first words and their EOT, as CLIP4Clip's truncation does.
+            out["tokens"][b, :keep] = np.concatenate([toks[:keep - 1], toks[-1:]]) if keep < len(toks) else toks
+            out["token_mask"][b, :keep] = True
+            k_rows = h5[S.H5_KEYWORD_INDEX][r["row_in_shard"]]
+            k_rows = k_rows[k_rows >= 0]
+            if len(k_rows):
+                out["keywords"][b, :len(k_rows)] = h5[S.H5_KEYWORDS][np.sort(k_rows)][np.argsort(np.argsort(k_rows))]
+                out["keyword_mask"][b, :len(k_rows)] = True
+        return out
+
+    def close(self) -> None:
+        for f in getattr(self._local, "files", {}).values():
+            f.close()
+        self._local = threading.local()

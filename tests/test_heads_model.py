@@ -1,0 +1,197 @@
+"""RetrievalHead: gradients, masking, ablation switches, baselines, score_pairs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from heads.config import HeadConfig
+from heads.model import TEXT_KEYS, VIDEO_KEYS, RetrievalHead
+
+DV, DT, D = 48, 32, 24
+SMALL = dict(temporal_layers=1, temporal_heads=2, cross_heads=2, max_frames=6, max_positions=10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These tensors are tiny: one thread avoids OpenMP spinning against other work on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_projections(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(DV, D, generator=g) / DV ** 0.5, torch.randn(DT, D, generator=g) / DT ** 0.5
+
+
+def lengths_mask(lengths, width):
+    return torch.arange(width)[None, :] < lengths[:, None]
+
+
+def make_batch(b=6, frames=6, words=7, keywords=3, seed=0, full=False):
+    """Random features with random lengths; caption 0 has no keywords. full=True: no padding frames."""
+    g = torch.Generator().manual_seed(seed)
+    n_frames = torch.full((b,), frames) if full else torch.randint(1, frames + 1, (b,), generator=g)
+    n_keywords = torch.randint(0, keywords + 1, (b,), generator=g)
+    n_keywords[0] = 0
+    return {
+        "frames": torch.randn(b, frames, DV, generator=g),
+        "frame_mask": lengths_mask(n_frames, frames),
+        "text_global": torch.randn(b, DT, generator=g),
+        "tokens": torch.randn(b, words, DT, generator=g),
+        "token_mask": lengths_mask(torch.randint(1, words + 1, (b,), generator=g), words),
+        "keywords": torch.randn(b, keywords, DT, generator=g),
+        "keyword_mask": lengths_mask(n_keywords, keywords),
+    }
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return RetrievalHead(HeadConfig(**{**SMALL, **overrides}), *make_projections())
+
+
+def encode(model, batch):
+    return (model.encode_text(*(batch[k] for k in TEXT_KEYS)), model.encode_video(*(batch[k] for k in VIDEO_KEYS)))
+
+
+def scores(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model.score(*encode(model, batch))
+
+
+def pad(batch, key, mask_key, extra):
+    """Append `extra` padding positions (mask False, random content) along dim 1."""
+    out = dict(batch)
+    x, m = batch[key], batch[mask_key]
+    out[key] = torch.cat([x, torch.randn(x.shape[0], extra, *x.shape[2:]) * 5], 1)
+    out[mask_key] = torch.cat([m, torch.zeros(m.shape[0], extra, dtype=torch.bool)], 1)
+    return out
+
+
+def test_forward_is_a_finite_loss_and_gradients_reach_every_trainable_module():
+    model = make_model()
+    loss, logs = model(make_batch(frames=10, full=True))  # every position-table row needs a real frame
+    loss.backward()
+    assert torch.isfinite(loss) and set(logs) >= {"loss", "logit_scale"}
+    for name, p in model.named_parameters():
+        if name.startswith("proj."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_projections_train_only_when_unfrozen():
+    model = make_model(unfreeze_proj=True)
+    model(make_batch())[0].backward()
+    assert model.proj.image.grad.abs().sum() > 0 and model.proj.text.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("key,mask_key", [("frames", "frame_mask"), ("tokens", "token_mask"),
+                                          ("keywords", "keyword_mask")])
+def test_extra_padding_leaves_scores_unchanged(key, mask_key):
+    model, batch = make_model(), make_batch()
+    torch.testing.assert_close(scores(model, pad(batch, key, mask_key, 3)), scores(model, batch),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_caption_without_keywords_keeps_its_words_and_nothing_is_nan():
+    model, batch = make_model(), make_batch()
+    batch["keyword_mask"][:] = False
+    batch["keyword_mask"][1, 0] = True
+    model.eval()
+    text, _ = encode(model, batch)
+    assert torch.isfinite(text.w_e).all()
+    no_kw = ~batch["keyword_mask"].any(1)
+    assert torch.equal(text.w_e[no_kw], text.w[no_kw])
+    assert not torch.allclose(text.w_e[1], text.w[1])
+
+
+def test_score_pairs_is_the_diagonal_of_score():
+    model, batch = make_model(), make_batch(b=5)
+    model.eval()
+    with torch.no_grad():
+        text, video = encode(model, batch)
+        torch.testing.assert_close(model.score_pairs(text, video), model.score(text, video).diagonal(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_explain_is_per_frame_and_zero_on_padding():
+    model, batch = make_model(), make_batch()
+    model.eval()
+    with torch.no_grad():
+        rel = model.explain(*encode(model, batch))
+    assert rel.shape == (6, 6, 6)
+    assert (rel[:, ~batch["frame_mask"]] == 0).all() and torch.isfinite(rel).all()
+
+
+# each switch, the parameter-name prefixes it must remove
+ABLATIONS = {
+    "temporal": ["temporal."],
+    "video_enhance": ["local.", "frame_weights."],
+    "text_enhance": ["keyword_attn."],
+    "interaction": ["pool."],
+    "fine": ["local.", "frame_weights.", "keyword_attn.", "word_weights."],
+    "coarse": ["pool."],
+}
+
+
+@pytest.mark.parametrize("flag", list(ABLATIONS))
+def test_each_switch_removes_its_module_and_changes_the_score(flag):
+    full, ablated = make_model(), make_model(**{flag: False})
+    full_names, ablated_names = set(full.state_dict()), set(ablated.state_dict())
+    removed = full_names - ablated_names
+    assert ablated_names < full_names
+    assert {n.split(".")[0] + "." for n in removed} == set(ABLATIONS[flag])
+    ablated.load_state_dict({k: v for k, v in full.state_dict().items() if k in ablated_names})
+    batch = make_batch()
+    assert not torch.allclose(scores(full, batch), scores(ablated, batch), atol=1e-4)
+
+
+def test_config_rejects_unknown_variant_and_no_score_term():
+    with pytest.raises(ValueError, match="bogus"):
+        HeadConfig(variant="bogus")
+    with pytest.raises(ValueError):
+        HeadConfig(fine=False, coarse=False)
+    cfg = HeadConfig(variant="seqtransf", dropout=0.2)
+    assert HeadConfig.from_dict(cfg.to_dict()) == cfg and not cfg.fine
+
+
+def test_meanp_is_cosine_of_mean_projected_frames_and_text():
+    model, batch = make_model(variant="meanp"), make_batch()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["logit_scale"]
+    image_proj, text_proj = make_projections()
+    m = batch["frame_mask"].float()
+    video = ((batch["frames"] @ image_proj) * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+    text = batch["text_global"] @ text_proj
+    expected = F.normalize(text, dim=-1) @ F.normalize(video, dim=-1).T
+    torch.testing.assert_close(scores(model, batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_seqtransf_is_cosine_of_mean_temporal_frames_and_text():
+    model, batch = make_model(variant="seqtransf"), make_batch()
+    model.eval()
+    with torch.no_grad():
+        text, video = encode(model, batch)
+        m = batch["frame_mask"].float()
+        v = (video.f * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+        expected = F.normalize(text.t, dim=-1) @ F.normalize(v, dim=-1).T
+        torch.testing.assert_close(model.score(text, video), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_full_with_every_module_off_is_meanp():
+    off = make_model(temporal=False, video_enhance=False, text_enhance=False, interaction=False, fine=False)
+    meanp, batch = make_model(variant="meanp"), make_batch()
+    assert set(off.state_dict()) == set(meanp.state_dict())
+    torch.testing.assert_close(scores(off, batch), scores(meanp, batch))
+
+
+def test_logit_scale_starts_at_and_is_clamped_to_log_100():
+    model = make_model()
+    assert model(make_batch())[1]["logit_scale"].item() == pytest.approx(100.0)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale_()
+    assert model.logit_scale.item() == pytest.approx(math.log(100))

@@ -1,0 +1,88 @@
+"""fit(): learns a tiny synthetic set, checkpoints, resumes bit-exactly, and rebuilds heads from checkpoints."""
+import pytest
+import torch
+
+from heads.evaluate import rank_all
+from heads.model import TEXT_KEYS
+from heads.trainer import TrainConfig, fit, load_head, param_groups, warmup_cosine
+from tests.test_heads_model import make_batch, make_model, scores, single_thread  # noqa: F401
+
+
+class Interrupted(Exception):
+    pass
+
+
+def pairs(n=16, seed=0):
+    return make_batch(b=n, frames=4, words=5, seed=seed)
+
+
+def shuffled_batches(data, batch_size):
+    """Batches in an order derived from the epoch alone, as fit() requires of its caller."""
+    def batches(epoch):
+        order = torch.randperm(len(data["frames"]), generator=torch.Generator().manual_seed(epoch))
+        for s in range(0, len(order), batch_size):
+            yield {k: v[order[s:s + batch_size]] for k, v in data.items()}
+    return batches
+
+
+def validator(data):
+    texts = {k: data[k] for k in TEXT_KEYS}
+    n = len(data["frames"])
+    chunks = lambda: [(0, {"frames": data["frames"], "frame_mask": data["frame_mask"]})]  # noqa: E731
+    return lambda model: rank_all(model, texts, torch.arange(n), chunks, n).as_dict()
+
+
+def test_full_model_overfits_a_tiny_set(tmp_path):
+    data = pairs()
+    model = make_model()
+    cfg = TrainConfig(epochs=30, lr=3e-3, weight_decay=0.0, log_every=1000)
+    history = fit(model, shuffled_batches(data, 16), 1, cfg, tmp_path, validate=validator(data))
+    assert len(history) == 30 and history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["t2v_R1"] == 100.0 and history[-1]["v2t_R1"] == 100.0
+    assert {"epoch", "loss", "lr", "seconds", "data_wait_share"} <= set(history[-1])
+    assert 0 <= history[-1]["data_wait_share"] <= 1
+    # best.pt holds the first epoch that reached the best t2v R@1 and rebuilds a working head
+    best = load_head(tmp_path / "best.pt")
+    assert validator(data)(best)["t2v_R1"] == 100.0
+    last = load_head(tmp_path / "last.pt")
+    torch.testing.assert_close(scores(last, data), scores(model, data))
+
+
+def test_resume_ends_with_the_weights_of_an_unbroken_run(tmp_path):
+    data = pairs(n=12, seed=1)
+    cfg = TrainConfig(epochs=3, lr=1e-3, seed=7, log_every=1000)  # dropout 0.1: the RNG state matters
+
+    unbroken = make_model(seed=5)
+    fit(unbroken, shuffled_batches(data, 4), 3, cfg, tmp_path / "a")
+
+    def crash_after_epoch_1(record):
+        if record["epoch"] == 1:
+            raise Interrupted
+
+    broken = make_model(seed=5)
+    with pytest.raises(Interrupted):
+        fit(broken, shuffled_batches(data, 4), 3, cfg, tmp_path / "b", on_epoch_end=crash_after_epoch_1)
+    torch.manual_seed(123)  # whatever happens to the RNG between the crash and the restart must not matter
+    resumed = make_model(seed=9)  # a fresh process builds a fresh model; resume overwrites it
+    history = fit(resumed, shuffled_batches(data, 4), 3, cfg, tmp_path / "b", resume=True)
+
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    a, b = unbroken.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_weight_decay_on_biases_norms_positions_and_temperature():
+    model = make_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.2)
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert {"logit_scale", "temporal.position_embedding", "pool.ln1.weight", "pool.q.bias"} <= kept
+    assert {"pool.q.weight", "local.lstm.weight_ih_l0"} <= decayed
+    assert not any(n.startswith("proj.") for n in decayed | kept)  # frozen projections are not optimised
+
+
+def test_warmup_then_cosine():
+    f = warmup_cosine(warmup_steps=4, total_steps=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)

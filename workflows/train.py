@@ -1,0 +1,137 @@
+"""The `train-heads` job: heads trained on cached shards; config, metrics, curves and
+checkpoints in the run folder."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from heads.config import HeadConfig
+from heads.evaluate import rank_all
+from heads.model import RetrievalHead
+from heads.trainer import TrainConfig, fit
+from pipeline.read import FeatureStore
+
+from .data import EvalData, TrainData
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs besides the shards; saved as RUN/config.json."""
+    features: str
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    batch_size: int = 128            # captions per step, each video at most once
+    max_words: int = 32              # word tokens per caption (SOT..EOT), longer ones are cut
+    train_split: str = "train"
+    val_split: str = "val"           # best.pt by this split's t2v R@1 when it exists
+    eval_chunk: int = 256            # videos (and texts) per scoring block during validation
+
+    def to_dict(self) -> dict:
+        return {"features": self.features, "head": self.head.to_dict(), "train": asdict(self.train),
+                "batch_size": self.batch_size, "max_words": self.max_words, "train_split": self.train_split,
+                "val_split": self.val_split, "eval_chunk": self.eval_chunk}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        d["head"] = HeadConfig.from_dict(d["head"])
+        d["train"] = TrainConfig(**d["train"])
+        return cls(**d)
+
+
+def build_head(cfg: HeadConfig, store: FeatureStore) -> RetrievalHead:
+    return RetrievalHead(cfg, torch.from_numpy(store.image_proj), torch.from_numpy(store.text_proj))
+
+
+def draw_curves(history: list[dict], path: Path) -> None:
+    """Loss and R@1 against epoch, side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] + 1 for r in history]
+    fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [r["loss"] for r in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for key, label in (("t2v_R1", "text-to-video"), ("v2t_R1", "video-to-text")):
+        if any(key in r for r in history):
+            ax_r1.plot([r["epoch"] + 1 for r in history if key in r], [r[key] for r in history if key in r],
+                       marker="o", label=label)
+    ax_r1.set(xlabel="epoch", ylabel="R@1 (%)", title="validation R@1")
+    if ax_r1.lines:
+        ax_r1.legend()
+    else:
+        ax_r1.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax_r1.transAxes)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_metrics(history: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, path)
+
+
+def train(cfg: RunConfig, out: Path, resume: bool = False) -> list[dict]:
+    """Train (or continue) a run in `out`; returns the per-epoch history."""
+    out = Path(out)
+    store = FeatureStore(cfg.features)
+    train_caps = store.split_captions(cfg.train_split)
+    if len(train_caps) < 2:
+        raise ValueError(f"{cfg.features}: split '{cfg.train_split}' has {len(train_caps)} usable captions; "
+                         f"splits found: {store.splits() or 'none (no captions were extracted)'}")
+    if resume:
+        saved = out / RUN_CONFIG
+        if not (out / "last.pt").exists() or not saved.exists():
+            raise ValueError(f"{out}: nothing to resume (no last.pt); run without --resume")
+        cfg = RunConfig.from_dict(json.loads(saved.read_text())["run"])
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.train.device)
+    data = TrainData(store, train_caps, cfg.batch_size, cfg.head.max_frames, cfg.max_words, cfg.train.seed,
+                     pin_memory=device.type == "cuda")
+    val_caps = store.split_captions(cfg.val_split)
+    validate = None
+    if val_caps:
+        val = EvalData(store, val_caps, cfg.head.max_frames, cfg.max_words, cfg.eval_chunk)
+        val_texts = val.texts()
+
+        def validate(model):
+            return rank_all(model, val_texts, val.text_to_video, val.video_chunks(), len(val.videos),
+                            text_chunk=cfg.eval_chunk, device=device).as_dict()
+    model = build_head(cfg.head, store)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info = {"run": cfg.to_dict(), "features_model": asdict(store.info), "train_captions": len(train_caps),
+            "train_videos": len(set(data.videos.tolist())), "val_captions": len(val_caps),
+            "steps_per_epoch": data.steps_per_epoch(), "trainable_parameters": n_params}
+    (out / RUN_CONFIG).write_text(json.dumps(info, indent=2))
+    log.info("training %s: %s", out, info)
+
+    def on_epoch_end(record: dict) -> None:
+        history.append(record)
+        _write_metrics(history, out / METRICS)
+        draw_curves(history, out / CURVES)
+        val_text = f"  val t2v R@1 {record['t2v_R1']:.1f}" if "t2v_R1" in record else ""
+        print(f"epoch {record['epoch'] + 1}/{cfg.train.epochs}  loss {record['loss']:.4f}{val_text}  "
+              f"{record['seconds']:.1f} s  data wait {100 * record['data_wait_share']:.1f}%", flush=True)
+
+    history: list[dict] = []
+    if resume:
+        history = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["history"]
+    fit(model, data, data.steps_per_epoch(), cfg.train, out, validate=validate, on_epoch_end=on_epoch_end,
+        resume=resume)
+    store.close()
+    return history
