@@ -1,0 +1,104 @@
+"""`train-heads` and `eval` end to end on shards extracted from the synthetic set."""
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import run_cli, tiny_extract_args
+
+
+@pytest.fixture(scope="module")
+def synthetic_features(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    res = run_cli("make-synthetic", str(root / "videos"), "--videos", "30", "--seed", "0")
+    assert res.returncode == 0, res.stderr
+    res = run_cli(*tiny_extract_args(root / "videos", root / "features", "--cluster", "none"))
+    assert res.returncode == 0, res.stderr
+    return root / "features"
+
+
+def train_args(features, out, *extra):
+    return ["train-heads", "--features", str(features), "--out", str(out), "--epochs", "2",
+            "--batch-size", "8", "--device", "cpu", *extra]
+
+
+def test_train_then_eval(synthetic_features, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli(*train_args(synthetic_features, run))
+    assert res.returncode == 0, res.stderr
+    assert "epoch 2/2" in res.stdout
+    for name in ("config.json", "metrics.jsonl", "curves.png", "last.pt", "best.pt"):
+        assert (run / name).exists(), name
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [0, 1] and all("t2v_R1" in r for r in history)
+    config = json.loads((run / "config.json").read_text())
+    assert config["run"]["head"]["variant"] == "full" and config["features_model"]["model"] == "ViT-Tiny-16"
+    ckpt = torch.load(run / "last.pt", weights_only=True)  # loads without executing pickled code
+    assert "model" in ckpt
+
+    out_json = tmp_path / "metrics.json"
+    res = run_cli("eval", "--features", str(synthetic_features), "--run", str(run), "--json", str(out_json),
+                  "--device", "cpu", "--chunk", "5")
+    assert res.returncode == 0, res.stderr
+    assert "R@1" in res.stdout and "t2v" in res.stdout and "v2t" in res.stdout
+    report = json.loads(out_json.read_text())
+    n_test = report["queries"]["t2v"]
+    assert n_test == report["candidates"]["v2t"] and report["queries"]["v2t"] == report["candidates"]["t2v"]
+    for side in ("t2v", "v2t"):
+        assert set(report[side]) == {"R1", "R5", "R10", "MdR", "MnR"}
+        assert 0 <= report[side]["R1"] <= report[side]["R5"] <= report[side]["R10"] <= 100
+    ranks = pq.read_table(run / "ranks_test.parquet").to_pylist()
+    assert sum(r["direction"] == "t2v" for r in ranks) == n_test
+    assert all(1 <= r["rank"] <= report["candidates"]["t2v"] for r in ranks if r["direction"] == "t2v")
+    # Chunking is only about memory: one block gives the same numbers.
+    res = run_cli("eval", "--features", str(synthetic_features), "--run", str(run), "--json", str(out_json),
+                  "--device", "cpu", "--chunk", "1000")
+    assert json.loads(out_json.read_text())["t2v"] == report["t2v"]
+
+
+def test_baseline_variants_and_ablation_flags(synthetic_features, tmp_path):
+    sizes = {}
+    for name, extra in (("meanp", ["--variant", "meanp"]), ("full", []), ("no_video", ["--no-video-enhance"]),
+                        ("coarse", ["--coarse-only"])):
+        res = run_cli(*train_args(synthetic_features, tmp_path / name, "--epochs", "1", *extra))
+        assert res.returncode == 0, res.stderr
+        sizes[name] = json.loads((tmp_path / name / "config.json").read_text())["trainable_parameters"]
+    assert sizes["meanp"] < sizes["coarse"] < sizes["no_video"] < sizes["full"]
+
+
+def test_zero_shot_eval_without_a_run(synthetic_features):
+    res = run_cli("eval", "--features", str(synthetic_features), "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert "t2v" in res.stdout and "R@1" in res.stdout
+
+
+def test_eval_dsl(synthetic_features, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(*train_args(synthetic_features, run, "--epochs", "1")).returncode == 0
+    res = run_cli("eval", "--features", str(synthetic_features), "--run", str(run), "--dsl", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    assert "dual softmax" in res.stdout and (run / "eval_test_dsl.json").exists()
+
+
+def test_bad_inputs_give_clear_errors(synthetic_features, tmp_path):
+    res = run_cli(*train_args(tmp_path / "nothing", tmp_path / "run"))
+    assert res.returncode == 2 and "no shards found" in res.stderr
+    res = run_cli("eval", "--features", str(synthetic_features), "--run", str(tmp_path / "norun"), "--device", "cpu")
+    assert res.returncode == 2 and "not a trained run" in res.stderr
+    res = run_cli(*train_args(synthetic_features, tmp_path / "run", "--resume"))
+    assert res.returncode == 2 and "nothing to resume" in res.stderr
+    res = run_cli("eval", "--features", str(synthetic_features), "--split", "nope", "--device", "cpu")
+    assert res.returncode == 2 and "split 'nope'" in res.stderr
+
+
+def test_run_on_other_features_is_refused(synthetic_features, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(*train_args(synthetic_features, run, "--epochs", "1")).returncode == 0
+    config = json.loads((run / "config.json").read_text())
+    config["features_model"].update(model="ViT-B-32", image_dim=768)
+    (run / "config.json").write_text(json.dumps(config))
+    res = run_cli("eval", "--features", str(synthetic_features), "--run", str(run), "--device", "cpu")
+    assert res.returncode == 2 and "ViT-B-32" in res.stderr and "ViT-Tiny-16" in res.stderr
