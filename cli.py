@@ -242,5 +242,45 @@ def make_synthetic_cmd(
                f"{len(info['twins'])} time-reversed twin pairs; captions in {info['captions_file']}")
 
 
+
+
+@app.command()
+def search(
+    query: Optional[str] = typer.Argument(None, help="The text to search for (or use --video)."),
+    features: Path = typer.Option(Path("features"), help="Output folder of `extract`."),
+    run: Optional[Path] = typer.Option(None, help="Run folder of train-heads; without it: plain CLIP (meanP)."),
+    top: int = typer.Option(10, min=1, help="Hits to show."),
+    candidates: int = typer.Option(200, min=1, help="Videos (or captions) the coarse index passes to the full head."),
+    video: Optional[Path] = typer.Option(None, help="Search with this video instead of a text."),
+    target: str = typer.Option("videos", help="With --video: rank the collection's videos or captions."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a page with a thumbnail of each hit."),
+    pretrained: Optional[str] = typer.Option(None, help="CLIP weights for the query, if the features' own tag "
+                                             "or path has moved (same model and weights!)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    verbose: bool = typer.Option(False),
+):
+    """Rank the collection against a text (or a video): coarse index, then the full head; best second of each hit."""
+    _setup_logging(verbose)
+    from pipeline.read import FeaturesError
+    from workflows.evaluate import EvalError
+    from workflows.search import SearchError, format_result, search_text, search_video, write_html
+
+    if (query is None) == (video is None):
+        _fail('give either a text query or --video PATH, e.g. search "a dog catches a frisbee"')
+    dev = _device(device)
+    try:
+        if video is not None:
+            result = search_video(features, video, run=run, target=target, top=top, candidates=candidates,
+                                  device=dev, pretrained=pretrained)
+        else:
+            result = search_text(features, query, run=run, top=top, candidates=candidates, device=dev,
+                                 pretrained=pretrained)
+    except (SearchError, FeaturesError, EvalError) as e:
+        _fail(str(e))
+    typer.echo(format_result(result))
+    if html:
+        typer.echo(f"page with thumbnails in {write_html(result, html)}")
+
+
 if __name__ == "__main__":
     app()
