@@ -67,6 +67,7 @@ def extract(
     from pipeline.captions import default_captions_file
     from pipeline.config import ExtractConfig
     from pipeline.encode import ModelSpec, WeightsError, load_clip, resolve_device
+    from pipeline.distributed import ClusterError
     from pipeline.extract import ExtractError, exit_code, extract as run_extract
     from pipeline.keywords import KeywordSpec
 
@@ -95,7 +96,7 @@ def extract(
         typer.echo("no captions file: extracting video features only")
     try:
         summary = run_extract(cfg, overwrite=overwrite, progress=not quiet)
-    except ExtractError as e:
+    except (ExtractError, ClusterError) as e:
         _fail(str(e))
     typer.echo(
         f"done: {summary['ok']} videos ok, {summary['failed']} failed, "

@@ -146,7 +146,9 @@ class _Ffmpeg:
         self.times: list[float] = []
         self.duration = float("nan")
         self.input_format = ""
-        self.last_progress = time.monotonic()
+        # When the reader started waiting for the current frame; None while the consumer holds a
+        # frame (a slow model or a full queue downstream is not a stalled decoder).
+        self.waiting_since: float | None = time.monotonic()
         self.timed_out = False
         self._done = threading.Event()
         self._drainer = threading.Thread(target=self._drain, daemon=True)
@@ -169,14 +171,19 @@ class _Ffmpeg:
     def _watch(self, stall_timeout: float) -> None:
         # A hung decoder produces nothing; a slow one still makes progress.
         while not self._done.wait(1.0 if stall_timeout > 2 else 0.1):
-            if time.monotonic() - self.last_progress > stall_timeout:
+            since = self.waiting_since
+            if since is not None and time.monotonic() - since > stall_timeout:
                 self.timed_out = True
                 self.proc.kill()
                 return
 
     def frames(self) -> Iterator[np.ndarray]:
-        while (frame := _read_ppm(self.proc.stdout)) is not None:
-            self.last_progress = time.monotonic()
+        while True:
+            self.waiting_since = time.monotonic()
+            frame = _read_ppm(self.proc.stdout)
+            if frame is None:
+                return
+            self.waiting_since = None
             yield frame
 
     def close(self) -> int:

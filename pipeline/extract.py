@@ -227,6 +227,8 @@ def extract(cfg: ExtractConfig, overwrite: bool = False, progress: bool = True) 
             if not per_video:
                 advance(result["videos"], result["frames"])
         bar.close()
+        # A worker killed while writing leaves a temporary shard; its task ran again elsewhere.
+        remove_stale_temporaries(out)
         totals = consolidate(out, tasks, inputs.failures)
         run_seconds = time.perf_counter() - t_run
         done_frames = sum(s["frames"] for s in shard_summaries)

@@ -112,6 +112,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False) -> list[dict]:
         def validate(model):
             return rank_all(model, val_texts, val.text_to_video, val.video_chunks(), len(val.videos),
                             text_chunk=cfg.eval_chunk, device=device).as_dict()
+    torch.manual_seed(cfg.train.seed)  # the initial weights are part of the run: same seed, same run
     model = build_head(cfg.head, store)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info = {"run": cfg.to_dict(), "features_model": asdict(store.info), "train_captions": len(train_caps),
