@@ -139,6 +139,10 @@ class TextConditionedPool(nn.Module):
     def forward(self, t: Tensor, f: Tensor, mask: Tensor, aligned: bool = False) -> Tensor:
         attn = self.attention(t, f, mask, aligned)  # (Nt, Nv, H, F) or (N, H, F)
         values = self._split(self.v(f))  # (Nv, F, H, d)
-        z = torch.einsum("nhf,nfhd->nhd" if aligned else "tvhf,vfhd->tvhd", attn, values).flatten(-2)  # (Nt, Nv, D)
-        z = self.ln1(self.out(z))  # (Nt, Nv, D)
+        # The output projection is linear, so it is applied to each video's frames before pairing:
+        # per pair only a weighted sum over frames remains (H*F*D instead of D*D multiply-adds).
+        w_out = self.out.weight.T.unflatten(0, (self.heads, -1))  # (H, d, D)
+        projected = torch.einsum("vfhd,hdo->vfho", values, w_out)  # (Nv, F, H, D)
+        z = torch.einsum("nhf,nfho->no" if aligned else "tvhf,vfho->tvo", attn, projected) + self.out.bias
+        z = self.ln1(z)  # (Nt, Nv, D)
         return self.ln2(z + self.drop(self.linear(z)))  # (Nt, Nv, D) or (N, D)

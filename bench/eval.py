@@ -1,0 +1,166 @@
+"""Scoring speed and peak memory of heads.evaluate.rank_all with the full head on synthetic features.
+
+    python bench/eval.py                                  # 1k x 1k timing, RSS at two galleries x chunks
+    python bench/eval.py --galleries 10000,100000 --chunks 256   # the 100k gallery (long on a CPU)
+
+Every configuration runs in a fresh subprocess, so ru_maxrss (peak RSS) belongs to that configuration
+alone. Video features are generated per chunk inside video_chunks() (seeded by the chunk's start), never
+all at once; the texts (1,000 by default) are held whole, as rank_all holds its encoded texts.
+Measures:
+  - seconds to rank 1,000 texts x 1,000 videos (t2v and v2t ranks, no DSL), ViT-B/32 shapes
+    (frames 12 x 768, tokens 32 x 512, 3 keywords x 512, embed 512);
+  - peak RSS per (gallery, chunk): it should grow with the chunk (text_chunk = video chunk, as in
+    `cli.py eval --chunk`), not with the gallery size; target < 4 GiB at 1,000 texts x 100,000 videos;
+  - the time of the largest gallery run, extrapolated to 100,000 videos when that is not run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, print_table, resolve, write_result  # noqa: E402
+
+DV, DT, D = 768, 512, 512
+FRAMES, WORDS, KEYWORDS = 12, 32, 3
+TARGET_RSS_GIB = 4.0
+TARGET_GALLERY = 100_000
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker(texts: int, videos: int, chunk: int, device: str) -> dict:
+    """One configuration, in this (fresh) process."""
+    import torch
+    import heads.evaluate as E
+    from heads.config import HeadConfig
+    from heads.model import RetrievalHead
+
+    if videos > texts:
+        # rank_all refuses a gallery with captionless videos (their v2t rank is undefined), and 1,000 texts
+        # cannot caption 10k-100k videos; the check is skipped here only: the work and memory are the same
+        E.check_text_to_video = lambda *a, **k: None
+
+    torch.manual_seed(0)
+    model = RetrievalHead(HeadConfig(), torch.randn(DV, D) / DV ** 0.5, torch.randn(DT, D) / DT ** 0.5).to(device)
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(8, WORDS + 1, (texts,), generator=g)
+    text = {"text_global": torch.randn(texts, DT, generator=g), "tokens": torch.randn(texts, WORDS, DT, generator=g),
+            "token_mask": torch.arange(WORDS)[None, :] < lengths[:, None],
+            "keywords": torch.randn(texts, KEYWORDS, DT, generator=g),
+            "keyword_mask": torch.ones(texts, KEYWORDS, dtype=torch.bool)}
+    # every video owns a caption when the gallery allows it (rank_all requires that)
+    text_to_video = (torch.arange(texts) % videos if videos <= texts
+                     else torch.randint(0, videos, (texts,), generator=g))
+
+    def video_chunks():
+        for start in range(0, videos, chunk):
+            n = min(chunk, videos - start)
+            gv = torch.Generator().manual_seed(10_000 + start)
+            n_frames = torch.randint(4, FRAMES + 1, (n,), generator=gv)
+            yield start, {"frames": torch.randn(n, FRAMES, DV, generator=gv),
+                          "frame_mask": torch.arange(FRAMES)[None, :] < n_frames[:, None]}
+
+    before = peak_rss_mib()
+    t0 = time.perf_counter()
+    result = E.rank_all(model, text, text_to_video, video_chunks, videos, text_chunk=chunk, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    out = {"texts": texts, "videos": videos, "chunk": chunk, "seconds": round(seconds, 2),
+           "rss_before_mib": round(before), "peak_rss_mib": round(peak_rss_mib()),
+           "t2v_MdR": float(result.t2v["MdR"])}
+    if device.startswith("cuda"):
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
+    return out
+
+
+def run_config(texts: int, videos: int, chunk: int, device: str, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", str(texts), str(videos), str(chunk), "--device", device]
+    print(f"  {texts} texts x {videos} videos, chunk {chunk} ...", flush=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"texts": texts, "videos": videos, "chunk": chunk, "error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        return {"texts": texts, "videos": videos, "chunk": chunk, "error": done.stderr.strip()[-500:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--texts", type=int, default=1000)
+    p.add_argument("--timing-videos", type=int, default=1000, help="gallery of the timing figure")
+    p.add_argument("--galleries", default="1000,5000",
+                   help="gallery sizes for the RSS comparison at --chunk (add 100000 to run the target size)")
+    p.add_argument("--chunk", type=int, default=256, help="texts and videos per scoring block (cli eval's default)")
+    p.add_argument("--chunks", default="128,512", help="other chunk sizes, at the smallest gallery")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    p.add_argument("--worker", nargs=3, type=int, metavar=("TEXTS", "VIDEOS", "CHUNK"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = resolve(args.device)
+
+    if args.worker:
+        print(json.dumps(worker(*args.worker, device)))
+        return
+
+    info = machine(device)
+    galleries = [int(x) for x in args.galleries.split(",") if x]
+    chunks = [int(x) for x in args.chunks.split(",") if x]
+    configs = [(args.texts, args.timing_videos, args.chunk)]
+    configs += [(args.texts, g, args.chunk) for g in galleries if (args.texts, g, args.chunk) not in configs]
+    configs += [(args.texts, min(galleries), c) for c in chunks if c != args.chunk]
+    runs = [run_config(*c, device, args.timeout) for c in configs]
+    ok = [r for r in runs if "error" not in r]
+
+    timing = next((r for r in ok if r["videos"] == args.timing_videos and r["chunk"] == args.chunk), None)
+    largest = max((r for r in ok if r["chunk"] == args.chunk), key=lambda r: r["videos"], default=None)
+    at_target = next((r for r in ok if r["videos"] >= TARGET_GALLERY), None)
+    # scoring is linear in texts x videos; extrapolate from the largest gallery actually run
+    extrapolated = (largest["seconds"] * TARGET_GALLERY / largest["videos"]) if largest else None
+    peak = max((r["peak_rss_mib"] for r in ok), default=None)
+    result = {
+        "machine": info, "head": "full", "shapes": {"frames": FRAMES, "words": WORDS, "keywords": KEYWORDS,
+                                                    "image_dim": DV, "text_dim": DT, "embed_dim": D},
+        "runs": runs,
+        "seconds_1k_x_1k": timing["seconds"] if timing else None,
+        "pairs_per_s": round(timing["texts"] * timing["videos"] / timing["seconds"]) if timing else None,
+        "seconds_1k_x_100k": at_target["seconds"] if at_target else None,
+        "seconds_1k_x_100k_extrapolated": round(extrapolated, 1) if extrapolated and not at_target else None,
+        "peak_rss_mib_max": peak, "target_rss_gib": TARGET_RSS_GIB,
+        "ran_100k": at_target is not None,
+    }
+    rows = []
+    if timing:
+        rows.append(("1k texts x 1k videos", timing["seconds"], f"s (chunk {args.chunk}), "
+                                                                f"{result['pairs_per_s']} pairs/s"))
+    for r in runs:
+        name = f"{r['texts']} x {r['videos']}, chunk {r['chunk']}"
+        if "error" in r:
+            rows.append((name, "error", r["error"][:200]))
+        else:
+            rows.append((name, f"{r['peak_rss_mib']} MiB", f"peak RSS ({r['rss_before_mib']} MiB before rank_all), "
+                                                          f"{r['seconds']} s"))
+    if at_target:
+        rows.append(("1k x 100k", at_target["seconds"], "s (measured)"))
+    elif extrapolated:
+        rows.append(("1k x 100k (extrapolated)", extrapolated,
+                     f"s from {largest['videos']} videos; not run (pass --galleries ...,100000)"))
+    if peak is not None:
+        rows.append(("largest peak RSS", f"{peak / 1024:.2f} GiB", f"target < {TARGET_RSS_GIB} GiB"
+                     + ("" if at_target else " (at 100k: not measured; see the gallery comparison)")
+                     + ("  MISS" if peak / 1024 >= TARGET_RSS_GIB else "")))
+    print_table("rank_all: speed and peak memory", info, rows)
+    write_result("eval", result)
+
+
+if __name__ == "__main__":
+    main()
