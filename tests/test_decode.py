@@ -139,3 +139,13 @@ def test_long_video_streams_with_bounded_memory(tmp_path):
     for frame in decode_frames(path, SIZE, result=result):
         count += 1
     assert count == 600
+
+
+def test_unreadable_file_is_reported_before_ffmpeg(tmp_path, monkeypatch):
+    # Permission bits cannot be exercised as root (tests/test_robustness.py runs the real case
+    # as a normal user); here the access check itself is made to fail.
+    path = make_video(tmp_path / "locked.mp4", seconds=1.0)
+    monkeypatch.setattr("pipeline.decode.os.access", lambda p, mode: False)
+    with pytest.raises(DecodeError, match="permission denied") as e:
+        decode(path)
+    assert str(path) in str(e.value)
