@@ -125,9 +125,10 @@ def train_heads(
     features: Path = typer.Option(Path("features"), help="Output folder of `extract`."),
     out: Path = typer.Option(..., help="Run folder (checkpoints, config, metrics.jsonl, curves.png)."),
     variant: str = typer.Option("full", help="full (S2-S5) | meanp | seqtransf (CLIP4Clip baselines)."),
-    epochs: int = typer.Option(10, min=1),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Default: at least 10 epochs and at least --min-steps optimizer steps."),
+    min_steps: int = typer.Option(1000, min=0, help="With the default --epochs: train at least this many steps (small sets)."),
     batch_size: int = typer.Option(128, min=2, help="Captions per step; each video at most once per batch."),
-    lr: float = typer.Option(1e-4, min=0.0),
+    lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate of the heads (warm-up, then cosine)."),
     weight_decay: float = typer.Option(0.2, min=0.0),
     warmup: float = typer.Option(0.1, min=0.0, max=1.0, help="Share of steps in linear warm-up."),
     max_frames: int = typer.Option(12, min=1, help="Frames per video, uniform over the stored 1 FPS frames."),
@@ -164,10 +165,10 @@ def train_heads(
                           fine=not coarse_only, coarse=not fine_only, max_frames=max_frames,
                           temporal_layers=temporal_layers, dropout=dropout, unfreeze_proj=unfreeze_proj)
         cfg = RunConfig(features=str(features.resolve()), head=head,
-                        train=TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                        train=TrainConfig(epochs=epochs or 0, lr=lr, weight_decay=weight_decay, warmup=warmup,
                                           seed=seed, device=dev, amp=amp),
                         batch_size=batch_size, max_words=max_words, val_split=val_split)
-        train(cfg, out, resume=resume)
+        train(cfg, out, resume=resume, min_steps=min_steps)
     except (FeaturesError, ValueError) as e:
         _fail(str(e))
     typer.echo(f"run in {out}: config.json, {METRICS}, {CURVES}, last.pt"

@@ -125,6 +125,11 @@ class TextConditionedPool(nn.Module):
         self.linear = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
         self.ln2 = nn.LayerNorm(dim)
+        # Identity projections, zero biases (X-Pool's initialisation): before training, v is an attention
+        # over CLIP's own frame embeddings, so the coarse score starts near CLIP's, not from noise.
+        for layer in (self.q, self.k, self.v, self.out, self.linear):
+            nn.init.eye_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def _split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1))  # (..., D) -> (..., H, D/H)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,8 +87,15 @@ def _write_metrics(history: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: RunConfig, out: Path, resume: bool = False) -> list[dict]:
-    """Train (or continue) a run in `out`; returns the per-epoch history."""
+def auto_epochs(steps_per_epoch: int, min_steps: int) -> int:
+    """At least 10 epochs (MSR-VTT-sized sets) and at least min_steps steps (a few hundred videos
+    give a handful of steps per epoch, far too few to learn anything in 10 epochs)."""
+    return max(10, math.ceil(min_steps / max(1, steps_per_epoch)))
+
+
+def train(cfg: RunConfig, out: Path, resume: bool = False, min_steps: int = 1000) -> list[dict]:
+    """Train (or continue) a run in `out`; returns the per-epoch history. cfg.train.epochs == 0
+    means auto_epochs()."""
     out = Path(out)
     store = FeatureStore(cfg.features)
     train_caps = store.split_captions(cfg.train_split)
@@ -113,11 +121,16 @@ def train(cfg: RunConfig, out: Path, resume: bool = False) -> list[dict]:
             return rank_all(model, val_texts, val.text_to_video, val.video_chunks(), len(val.videos),
                             text_chunk=cfg.eval_chunk, device=device).as_dict()
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the run: same seed, same run
+    steps = data.steps_per_epoch()
+    if cfg.train.epochs <= 0:
+        cfg.train.epochs = auto_epochs(steps, min_steps)
+        print(f"epochs: {cfg.train.epochs} ({steps} steps per epoch; at least 10 epochs and {min_steps} steps)",
+              flush=True)
     model = build_head(cfg.head, store)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info = {"run": cfg.to_dict(), "features_model": asdict(store.info), "train_captions": len(train_caps),
             "train_videos": len(set(data.videos.tolist())), "val_captions": len(val_caps),
-            "steps_per_epoch": data.steps_per_epoch(), "trainable_parameters": n_params}
+            "steps_per_epoch": steps, "trainable_parameters": n_params}
     (out / RUN_CONFIG).write_text(json.dumps(info, indent=2))
     log.info("training %s: %s", out, info)
 
@@ -132,7 +145,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False) -> list[dict]:
     history: list[dict] = []
     if resume:
         history = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["history"]
-    fit(model, data, data.steps_per_epoch(), cfg.train, out, validate=validate, on_epoch_end=on_epoch_end,
+    fit(model, data, steps, cfg.train, out, validate=validate, on_epoch_end=on_epoch_end,
         resume=resume)
     store.close()
     return history
