@@ -63,7 +63,7 @@ def load_clip(spec: ModelSpec):
                            "(e.g. openai), or --pretrained none for a smoke run with random weights.")
     offline = pretrained is not None and not Path(pretrained).exists() and not _hub_reachable()
     try:
-        with warnings.catch_warnings(), _hub_offline(offline), torch.random.fork_rng(devices=[]):
+        with warnings.catch_warnings(), _hub_offline(offline), torch.random.fork_rng(devices=[]), _quiet_root():
             warnings.simplefilter("ignore")
             # Random weights are seeded: every worker and every rerun must build the same model.
             torch.manual_seed(0)
@@ -105,6 +105,18 @@ def _hub_offline(offline: bool):
         yield
     finally:
         constants.HF_HUB_OFFLINE = before
+
+
+@contextlib.contextmanager
+def _quiet_root():
+    """open_clip logs its own messages on the root logger; ours below say the same more plainly."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _text_tower(model):
