@@ -55,7 +55,7 @@ def default_captions_file(root: Path) -> Path | None:
 def _rows(path: Path):
     """(line number, dict or error text) for each row of a JSONL or CSV file."""
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             reader = csv.DictReader(f)
             missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
             if missing:
@@ -64,7 +64,7 @@ def _rows(path: Path):
             for row in reader:
                 yield reader.line_num, row
         return
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

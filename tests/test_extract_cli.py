@@ -169,3 +169,15 @@ def test_changed_model_is_refused_without_overwrite(extracted, clip_collection):
     out, _ = extracted
     res = run_cli(*tiny_extract_args(clip_collection, out, "--cluster", "none", "--keywords", "2"))
     assert res.returncode == 2 and "--overwrite" in res.stderr
+
+
+def test_csv_captions_with_a_byte_order_mark(clip_collection, tmp_path):
+    # Spreadsheets often save CSV with a BOM; the header must still read "video".
+    captions = tmp_path / "caps.csv"
+    captions.write_text("video,caption,split\na,a dog runs,train\nb.mp4,a man cooks,test\n", encoding="utf-8-sig")
+    out = tmp_path / "out"
+    res = run_cli(*tiny_extract_args(clip_collection, out, "--captions", str(captions), "--cluster", "none",
+                                     "--keywords", "0"))
+    assert res.returncode == 0, res.stderr
+    rows = pq.read_table(out / S.ALL_CAPTIONS_FILE).to_pylist()
+    assert sorted((r["video_id"], r["split"]) for r in rows) == [("a.mp4", "train"), ("b.mp4", "test")]
