@@ -36,6 +36,14 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _default_workers(device: str) -> int:
+    """One worker per visible GPU when the device is plain `cuda`; one worker otherwise."""
+    if device == "cuda":
+        import torch
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
 @app.command()
 def extract(
     videos: Path = typer.Argument(..., help="Folder of videos (searched recursively)."),
@@ -46,7 +54,7 @@ def extract(
     pretrained: str = typer.Option("openai", help="open_clip weights tag, a checkpoint PATH, or 'none' (random, smoke runs only)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     batch_size: int = typer.Option(256, min=1, help="Frames (and captions) per model call."),
-    workers: int = typer.Option(1, min=1, help="Local Dask workers (on CUDA: one per GPU)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Local Dask workers; default: one per GPU on CUDA, else 1."),
     shard_size: int = typer.Option(64, min=1, help="Videos per shard (the unit of resume)."),
     decode_threads: int = typer.Option(3, min=1, help="ffmpeg decoders per worker."),
     decode_timeout: float = typer.Option(120.0, min=0.1, help="Kill ffmpeg after this many seconds without a frame."),
@@ -90,7 +98,7 @@ def extract(
         captions=str(captions.resolve()) if captions else None, clip=spec,
         keywords=KeywordSpec(model=keyword_model, top_k=keywords, max_words=keyword_length, lang=keyword_lang),
         batch_size=batch_size, shard_size=shard_size, decode_threads=decode_threads,
-        decode_timeout=decode_timeout, workers=workers, scheduler=scheduler, cluster=cluster,
+        decode_timeout=decode_timeout, workers=workers or _default_workers(dev), scheduler=scheduler, cluster=cluster,
         cluster_config=str(cluster_config) if cluster_config else None, strict=strict)
     if captions is None:
         typer.echo("no captions file: extracting video features only")
