@@ -83,8 +83,10 @@ class VideoIndex:
         self.root = Path(root).resolve()
         self.videos = set(videos)
         self.by_stem: dict[str, list[str]] = {}
+        self.by_name: dict[str, list[str]] = {}  # bare ids ("video7010") of videos in subfolders
         for rel in videos:
             self.by_stem.setdefault(str(Path(rel).with_suffix("")), []).append(rel)
+            self.by_name.setdefault(Path(rel).stem, []).append(rel)
 
     def resolve(self, name: str) -> tuple[str | None, str]:
         """(relative path, "") or (None, why not)."""
@@ -97,6 +99,8 @@ class VideoIndex:
         if name in self.videos:
             return name, ""
         matches = self.by_stem.get(name, [])
+        if not matches and "/" not in name:
+            matches = self.by_name.get(name, [])  # a bare id of a video in a subfolder
         if len(matches) == 1:
             return matches[0], ""
         if len(matches) > 1:
