@@ -86,7 +86,8 @@ def check_file(path: Path) -> None:
 def ffmpeg_args(path: Path, size: int, squash: bool, select: str, max_frames: int | None = None) -> list[str]:
     """The argument list (never a shell string) that streams selected frames as PPM."""
     stream = ffmpeg.input(f"file:{os.path.abspath(path)}", nostdin=None)
-    video = stream["v:0"].setpts("PTS-STARTPTS").filter("select", select).filter("showinfo")
+    # "V" skips attached pictures: an audio file's cover art is not a video.
+    video = stream["V:0"].setpts("PTS-STARTPTS").filter("select", select).filter("showinfo")
     if squash:
         video = video.filter("scale", size, size, flags="bicubic")
     else:  # short side to `size`, the long side keeps the aspect ratio (even, for chroma)

@@ -109,6 +109,18 @@ def test_truncated_audio_image_directory_and_loop(tmp_path):
             decode(path)
 
 
+def test_audio_with_cover_art_is_not_a_video(tmp_path):
+    cover = tmp_path / "cover.png"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48",
+                    "-frames:v", "1", str(cover)], check=True)
+    song = tmp_path / "song.m4a"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "sine=duration=2", "-i", str(cover),
+                    "-map", "0", "-map", "1", "-c:a", "aac", "-c:v", "png", "-disposition:v", "attached_pic",
+                    str(song)], check=True)
+    with pytest.raises(DecodeError, match="no video stream"):
+        decode(song)
+
+
 def test_broken_packet_in_the_middle_keeps_the_good_frames(tmp_path):
     good = make_video(tmp_path / "good.ts", seconds=6.0, extra=["-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mpegts"])
     data = bytearray(good.read_bytes())
