@@ -159,6 +159,7 @@ def train_heads(
 ):
     """Train the retrieval heads on cached shards (never touches a video)."""
     _setup_logging(verbose)
+    logging.getLogger("heads.trainer").setLevel(logging.INFO)  # a line every 50 steps: epochs can be long
     from heads.config import HeadConfig
     from heads.trainer import TrainConfig
     from pipeline.read import FeaturesError

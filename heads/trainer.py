@@ -157,7 +157,7 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
         _save(ckpt, run_dir / "last.pt")
         if is_best:
             _save(ckpt, run_dir / "best.pt")
-        log.info("epoch %d done: %s", epoch, record)
+        log.debug("epoch %d done: %s", epoch, record)
         if on_epoch_end is not None:
             on_epoch_end(record)
     return history
