@@ -41,7 +41,7 @@ def _on_worker(task: ShardTask, cfg: ExtractConfig) -> dict:
 
     worker = get_worker()
     device = None
-    if cfg.clip.device.startswith("cuda") and torch.cuda.device_count() > 1 and cfg.clip.device == "cuda":
+    if cfg.clip.device == "cuda" and torch.cuda.device_count() > 1:  # "cuda:N" keeps the GPU asked for
         # One worker per GPU, by the worker's index on its host (see _local_rank).
         rank = _local_rank(worker.name)
         device = f"cuda:{rank % torch.cuda.device_count()}"

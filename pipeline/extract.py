@@ -83,8 +83,7 @@ def _check_previous(cfg: ExtractConfig, overwrite: bool) -> None:
     """Refuse to mix features of different models in one folder; --overwrite starts afresh."""
     out = cfg.out_path
     if overwrite:
-        for name in (S.SHARDS_DIR,):
-            shutil.rmtree(out / name, ignore_errors=True)
+        shutil.rmtree(out / S.SHARDS_DIR, ignore_errors=True)
         for name in (S.PLAN_FILE, S.MANIFEST_FILE, S.ALL_CAPTIONS_FILE, S.FAILURES_FILE, S.SUMMARY_FILE):
             (out / name).unlink(missing_ok=True)
         return
