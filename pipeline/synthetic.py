@@ -3,6 +3,39 @@
 The set exists to test the whole chain without real data, and to check that a model uses
 time: part of the test split comes in twins whose events are the same but in reverse order,
 and whose captions differ only in that order.
+
+Difficulty knobs (all off by default; each aimed at one mechanism of the LSECA head, so that an
+ablation can show whether the module earns its place). Each knob draws from its own child
+stream of the seed, after the base plan: with every knob off the output is exactly what it was
+before the knobs existed (synthetic.json only gains keys), and switching one on changes
+neither the clips' events nor another knob's draws.
+
+- partial_captions (S4, text-conditioned pooling): that share of the captions of every split,
+  train and test alike, name only ONE event of the clip ("A red circle grows." for a clip where
+  a red circle grows, then a blue square moves left), so the text has to pick out its part of
+  the video. Twins keep full captions (one event fits both twins equally). A one-event caption
+  can be ambiguous across clips: another clip of the split may hold the same event (object,
+  action and, for "appear", position). The event is therefore taken among the clip's events
+  that no other clip of its split holds whenever there is one; synthetic.json records, per
+  caption, the indices of the events it names (`caption_info`), so a checker can verify it, and
+  per split the number of one-event captions that remain ambiguous
+  (`ambiguous_partial_captions`: none in the test split of the 200-clip demo set, about half
+  of them at 1,000 clips, where the split's events start to repeat).
+- wordy_captions (S3, keyword-guided text enhancement): that share of the captions of every
+  split get filler that says nothing about the clip: an opener, an aside after an object's
+  name, a closer, drawn from fixed lists (FILLER_*) that hold no colour, shape, action or
+  position word. Captions stay within WORDY_MAX_WORDS words (under CLIP's 77 tokens), and the
+  colour, shape and action words become a minority of the words, so the keywords that KeyBERT
+  picks should be the content words. The filler is spread over the caption rather than kept
+  after the first 32 tokens, so train on a wordy set with `train-heads --max-words 77`: the
+  default 32 cuts off the later events of a long caption. Twin captions get the same filler
+  (the same aside after the same object), so they still differ only in the order of events.
+- distractor_s (S2, adaptive frame weights): every clip gets round(distractor_s * fps) frames
+  of footage no caption mentions (an empty background, tiny confetti in colours that are none
+  of the object colours, or grey block noise), in up to one span per gap before, between and
+  after the events, each span at least 1 s when the total allows. Clips then last up to
+  max_video_s + distractor_s. synthetic.json records the spans (start_s, end_s, kind) per
+  video. Twins reverse their events as usual; their distractors are drawn independently.
 """
 from __future__ import annotations
 
@@ -10,6 +43,7 @@ import dataclasses
 import json
 import os
 import subprocess
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +96,35 @@ THREE_EVENT_TEMPLATES = (
     "first {0}, then {1}, and finally {2}",
     "{0}; after that {1}; at the end {2}",
 )
+ONE_EVENT_TEMPLATES = ("{0}", "at some point {0}", "{0} at one point")
+
+# Filler of wordy captions: no colour, shape, action or position word (a test checks), common
+# words only, so that a word costs about one CLIP token.
+FILLER_OPENERS = (
+    "in this short and rather simple little clip that we recorded, you can see that",
+    "if you watch this brief video closely from the very beginning, you will notice that",
+    "here is a quick and fairly ordinary piece of footage in which",
+    "as far as anyone can tell from this plain and somewhat boring recording,",
+)
+FILLER_ASIDES = (
+    "as you can probably see quite clearly",
+    "which is honestly not all that surprising",
+    "well, more or less",
+    "so to speak",
+    "if we are being completely honest about it",
+    "for whatever reason",
+)
+FILLER_CLOSERS = (
+    "and that is pretty much all there is to it",
+    "and nothing much else happens after that",
+    "which is about all that one can say about this one",
+)
+WORDY_MAX_WORDS = 55  # with punctuation well under CLIP's 77 tokens
+
+# Distractor footage: tiny dots in colours far from every object colour, or grey block noise
+# (greys stay far from white), or the empty background.
+DISTRACTOR_KINDS = ("empty", "confetti", "noise")
+DISTRACTOR_COLOURS = ((240, 130, 20), (20, 200, 200), (250, 150, 200), (130, 80, 40))
 
 
 @dataclass(frozen=True)
@@ -78,6 +141,10 @@ class SyntheticSettings:
     twin_fraction: float = 0.5  # share of test clips that belong to a time-reversed twin pair
     train_captions: int = 3  # paraphrases per training clip; val and test get one
     crf: int = 20  # x264 quality; the shapes are flat, so this stays small on disk
+    # Difficulty knobs, all off by default (module docstring):
+    partial_captions: float = 0.0  # share of captions naming one event only (aimed at S4 pooling)
+    wordy_captions: float = 0.0  # share of captions buried in filler words (aimed at S3 keywords)
+    distractor_s: float = 0.0  # seconds of unmentioned footage per clip, on top of max_video_s (S2)
 
 
 @dataclass(frozen=True)
@@ -94,12 +161,32 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Distractor:
+    """Footage that no caption mentions, shown before event `gap` (len(events): after the last)."""
+
+    gap: int
+    frames: int
+    kind: str  # one of DISTRACTOR_KINDS
+    seed: int  # the clutter is drawn from it, so rendering stays a pure function of the plan
+
+
+@dataclass(frozen=True)
 class Clip:
     name: str
     split: str
     events: tuple[Event, ...]
     captions: tuple[str, ...]
     twin: str | None = None
+    caption_events: tuple[tuple[int, ...], ...] = ()  # per caption, the events it names; () = all
+    wordy: tuple[bool, ...] = ()  # per caption, whether filler was added; () = none
+    distractors: tuple[Distractor, ...] = ()
+
+    def named_events(self) -> tuple[tuple[int, ...], ...]:
+        every = tuple(range(len(self.events)))
+        return self.caption_events or tuple(every for _ in self.captions)
+
+    def wordy_flags(self) -> tuple[bool, ...]:
+        return self.wordy or tuple(False for _ in self.captions)
 
 
 def make_synthetic(
@@ -127,6 +214,14 @@ def make_synthetic(
     return json.loads(text)  # exactly what the file holds (tuples come back as lists)
 
 
+def describe(n_videos: int, seed: int, settings: SyntheticSettings | None = None) -> dict:
+    """What make_synthetic would write to synthetic.json, without rendering anything."""
+    cfg = settings or SyntheticSettings()
+    _check_settings(cfg, n_videos)
+    meta = _metadata(n_videos, seed, cfg, plan_clips(n_videos, seed, cfg))
+    return json.loads(json.dumps(meta))
+
+
 def _check_settings(cfg: SyntheticSettings, n_videos: int) -> None:
     if n_videos < 1:
         raise ValueError(f"n_videos must be at least 1, got {n_videos}")
@@ -136,10 +231,16 @@ def _check_settings(cfg: SyntheticSettings, n_videos: int) -> None:
         raise ValueError("three events of min_event_s do not fit in max_video_s")
     if abs(sum(cfg.split_fractions) - 1.0) > 1e-6:
         raise ValueError(f"split_fractions must sum to 1, got {cfg.split_fractions}")
+    for name in ("partial_captions", "wordy_captions"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} is a share in [0, 1], got {getattr(cfg, name)}")
+    if cfg.distractor_s < 0:
+        raise ValueError(f"distractor_s must be at least 0, got {cfg.distractor_s}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Planning: every random draw happens here, in one fixed order, from one Generator.
+# Planning: every random draw happens here, in one fixed order: the base set from one Generator,
+# then each knob that is on from its own.
 
 
 def plan_clips(n_videos: int, seed: int, cfg: SyntheticSettings) -> list[Clip]:
@@ -158,6 +259,16 @@ def plan_clips(n_videos: int, seed: int, cfg: SyntheticSettings) -> list[Clip]:
             clips.append(Clip(_name(len(clips)), split, events, captions))
     for _ in range(n_pairs):
         clips.extend(_twin_pair(rng, cfg, len(clips)))
+    # The knobs come last, each from its own stream: with all of them off, the draws above are
+    # all there is, in the order they always had.
+    if cfg.partial_captions > 0:
+        clips = _partial_captions(_knob_rng(seed, 0), clips, cfg.partial_captions)
+    if cfg.wordy_captions > 0:
+        clips = _wordy_captions(_knob_rng(seed, 1), clips, cfg.wordy_captions)
+    if cfg.distractor_s > 0:
+        knob = _knob_rng(seed, 2)
+        clips = [dataclasses.replace(c, distractors=_draw_distractors(knob, len(c.events), cfg))
+                 for c in clips]
     return clips
 
 
@@ -272,14 +383,160 @@ def _caption_lines(clips: list[Clip]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Difficulty knobs: each rewrites the base plan with draws from its own stream.
+
+
+def _knob_rng(seed: int, knob: int) -> np.random.Generator:
+    # A child of the seed's SeedSequence (spawn key `knob`), independent of the base stream.
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(knob,)))
+
+
+def _share(share: float, n: int) -> int:
+    return int(np.floor(share * n + 0.5))
+
+
+def _event_key(event: Event) -> tuple[str, str, str, str]:
+    """What a one-event caption says about an event."""
+    return event.colour, event.shape, event.action, event.position
+
+
+def _partial_captions(rng: np.random.Generator, clips: list[Clip], share: float) -> list[Clip]:
+    clips = list(clips)
+    for split in SPLITS:
+        members = [i for i, c in enumerate(clips) if c.split == split]
+        # How many clips of the split hold each event: a one-event caption should name one
+        # that no other clip of the split (its retrieval gallery) holds.
+        holders = Counter(key for i in members for key in {_event_key(e) for e in clips[i].events})
+        slots = [(i, k) for i in members if clips[i].twin is None
+                 for k in range(len(clips[i].captions))]
+        chosen = rng.choice(len(slots), size=_share(share, len(slots)), replace=False)
+        for slot in sorted(int(j) for j in chosen):
+            i, k = slots[slot]
+            clips[i] = _one_event_caption(rng, clips[i], k, holders)
+    return clips
+
+
+def _one_event_caption(rng: np.random.Generator, clip: Clip, k: int, holders: Counter) -> Clip:
+    unique = [j for j, e in enumerate(clip.events) if holders[_event_key(e)] == 1]
+    candidates = unique or list(range(len(clip.events)))
+    others = clip.captions[:k] + clip.captions[k + 1 :]
+    # Bounded retries for a caption the clip does not have yet; a duplicate is harmless.
+    for _ in range(20):
+        j = candidates[int(rng.integers(len(candidates)))]
+        phrase = _event_phrase(rng, clip.events[j])
+        text = _render(_pick(rng, ONE_EVENT_TEMPLATES), [phrase])
+        if text not in others:
+            break
+    captions = list(clip.captions)
+    named = list(clip.named_events())
+    captions[k], named[k] = text, (j,)
+    return dataclasses.replace(clip, captions=tuple(captions), caption_events=tuple(named))
+
+
+def _wordy_captions(rng: np.random.Generator, clips: list[Clip], share: float) -> list[Clip]:
+    clips = list(clips)
+    index = {c.name: i for i, c in enumerate(clips)}
+    for split in SPLITS:
+        # A twin pair is one unit, filled with the same filler, so that its captions still
+        # differ only in the order of events.
+        units = [[(i, k)] for i, c in enumerate(clips) if c.split == split and c.twin is None
+                 for k in range(len(c.captions))]
+        units += [[(i, 0), (index[c.twin], 0)] for i, c in enumerate(clips)
+                  if c.split == split and c.twin and c.name < c.twin]
+        # Exact share, except that a pair may leave it one caption short.
+        target = _share(share, sum(len(u) for u in units))
+        taken = 0
+        for u in rng.permutation(len(units)):
+            unit = units[int(u)]
+            if taken + len(unit) > target:
+                continue
+            choice = _filler_choice(rng, clips[unit[0][0]].events)
+            for i, k in unit:
+                clips[i] = _make_wordy(clips[i], k, choice)
+            taken += len(unit)
+    return clips
+
+
+def _filler_choice(rng: np.random.Generator, events: tuple[Event, ...]) -> dict:
+    """Which filler goes where, keyed by object so that twins (reversed events) share it."""
+    objects = [(e.colour, e.shape) for e in events]
+    asides = rng.choice(len(FILLER_ASIDES), size=len(objects), replace=False)
+    slots: list = ["opener", "closer", *objects]
+    return {
+        "opener": FILLER_OPENERS[int(rng.integers(len(FILLER_OPENERS)))],
+        "closer": FILLER_CLOSERS[int(rng.integers(len(FILLER_CLOSERS)))],
+        "asides": {obj: FILLER_ASIDES[int(a)] for obj, a in zip(objects, asides)},
+        # Slots are filled in this order while the caption stays within WORDY_MAX_WORDS.
+        "order": [slots[int(j)] for j in rng.permutation(len(slots))],
+    }
+
+
+def _make_wordy(clip: Clip, k: int, choice: dict) -> Clip:
+    body = clip.captions[k][0].lower() + clip.captions[k][1:].rstrip(".")
+    named = [clip.events[j] for j in clip.named_events()[k]]
+    words = len(body.split())
+    keep = set()
+    for slot in choice["order"]:
+        if slot == "opener" or slot == "closer":
+            text = choice[slot]
+        elif slot in {(e.colour, e.shape) for e in named}:
+            text = choice["asides"][slot]
+        else:
+            continue
+        if words + len(text.split()) <= WORDY_MAX_WORDS:
+            keep.add(slot)
+            words += len(text.split())
+    for e in named:
+        if (e.colour, e.shape) in keep:
+            noun = f"a {e.colour} {e.shape}"
+            body = body.replace(noun, f"{noun}, {choice['asides'][(e.colour, e.shape)]},", 1)
+    if "opener" in keep:
+        body = f"{choice['opener']} {body}"
+    if "closer" in keep:
+        body = f"{body}, {choice['closer']}"
+    captions = list(clip.captions)
+    captions[k] = body[0].upper() + body[1:] + "."
+    flags = list(clip.wordy_flags())
+    flags[k] = True
+    return dataclasses.replace(clip, captions=tuple(captions), wordy=tuple(flags))
+
+
+def _draw_distractors(
+    rng: np.random.Generator, n_events: int, cfg: SyntheticSettings
+) -> tuple[Distractor, ...]:
+    total = int(np.floor(cfg.distractor_s * cfg.fps + 0.5))
+    if total == 0:
+        return ()
+    # At most one span per gap, and each at least 1 s when the total allows, so that 1 FPS
+    # sampling sees every span.
+    n_spans = int(rng.integers(1, max(1, min(n_events + 1, total // cfg.fps)) + 1))
+    gaps = np.sort(rng.choice(n_events + 1, size=n_spans, replace=False))
+    floor = min(cfg.fps, total // n_spans)
+    extra = rng.multinomial(total - n_spans * floor, [1.0 / n_spans] * n_spans)
+    kinds = rng.integers(len(DISTRACTOR_KINDS), size=n_spans)
+    seeds = rng.integers(2**31, size=n_spans)
+    return tuple(
+        Distractor(int(g), floor + int(x), DISTRACTOR_KINDS[int(kind)], int(s))
+        for g, x, kind, s in zip(gaps, extra, kinds, seeds)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Drawing and encoding
 
 
-def render_frames(events: tuple[Event, ...], cfg: SyntheticSettings) -> np.ndarray:
-    """All frames of a clip, (T, H, W, 3) uint8; pure function of the events."""
+def render_frames(
+    events: tuple[Event, ...],
+    cfg: SyntheticSettings,
+    distractors: tuple[Distractor, ...] = (),
+) -> np.ndarray:
+    """All frames of a clip, (T, H, W, 3) uint8; pure function of the events and distractors."""
     yy, xx = np.mgrid[0 : cfg.height, 0 : cfg.width].astype(np.float32)
+    before = {d.gap: d for d in distractors}
     frames = []
-    for event in events:
+    for i, event in enumerate(events):
+        if i in before:
+            frames.extend(_clutter(before[i], cfg, xx, yy))
         for k in range(event.frames):
             frame = np.empty((cfg.height, cfg.width, 3), np.uint8)
             frame[:] = BACKGROUND
@@ -288,7 +545,45 @@ def render_frames(events: tuple[Event, ...], cfg: SyntheticSettings) -> np.ndarr
                 cx, cy, radius = state
                 frame[_shape_mask(event.shape, xx - cx, yy - cy, radius)] = COLOURS[event.colour]
             frames.append(frame)
+    if len(events) in before:
+        frames.extend(_clutter(before[len(events)], cfg, xx, yy))
     return np.stack(frames)  # (T, H, W, 3)
+
+
+def _clutter(
+    d: Distractor, cfg: SyntheticSettings, xx: np.ndarray, yy: np.ndarray
+) -> list[np.ndarray]:
+    """The frames of one distractor span: nothing that any caption could name."""
+    rng = np.random.default_rng(d.seed)
+    h, w = cfg.height, cfg.width
+    empty = np.empty((h, w, 3), np.uint8)
+    empty[:] = BACKGROUND
+    if d.kind == "empty":
+        return [empty.copy() for _ in range(d.frames)]
+    if d.kind == "noise":
+        # Coarse grey blocks, redrawn every frame; greys in 60-170 are far from every colour.
+        block = max(2, min(h, w) // 12)
+        frames = []
+        for _ in range(d.frames):
+            grey = rng.integers(60, 171, size=(-(-h // block), -(-w // block)), dtype=np.uint8)
+            big = np.repeat(np.repeat(grey, block, axis=0), block, axis=1)[:h, :w]
+            frames.append(np.repeat(big[:, :, None], 3, axis=2))
+        return frames
+    # Confetti: dots of half the smallest object's radius (a growing or shrinking object gets
+    # down to 6 % of the short side), drifting a little from frame to frame.
+    n_dots = int(rng.integers(8, 17))
+    radius = max(1.0, 0.03 * min(h, w))
+    x, y = rng.uniform(0, w, n_dots), rng.uniform(0, h, n_dots)
+    colours = rng.integers(len(DISTRACTOR_COLOURS), size=n_dots)
+    frames = []
+    for _ in range(d.frames):
+        frame = empty.copy()
+        for cx, cy, c in zip(x, y, colours):
+            frame[(xx - cx) ** 2 + (yy - cy) ** 2 <= radius * radius] = DISTRACTOR_COLOURS[int(c)]
+        frames.append(frame)
+        x = np.clip(x + rng.normal(0, 0.02 * w, n_dots), 0, w - 1)
+        y = np.clip(y + rng.normal(0, 0.02 * h, n_dots), 0, h - 1)
+    return frames
 
 
 def _object_state(
@@ -334,7 +629,7 @@ def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndar
 
 
 def write_clip(path: Path, clip: Clip, cfg: SyntheticSettings) -> None:
-    frames = render_frames(clip.events, cfg)
+    frames = render_frames(clip.events, cfg, clip.distractors)
     encode_mp4(frames, path, cfg.fps, cfg.crf)
 
 
@@ -373,12 +668,27 @@ def _metadata(n_videos: int, seed: int, cfg: SyntheticSettings, clips: list[Clip
         "splits": {s: sum(c.split == s for c in clips) for s in SPLITS},
         "captions": {s: sum(len(c.captions) for c in clips if c.split == s) for s in SPLITS},
         "twins": [[c.name, c.twin] for c in clips if c.twin and c.name < c.twin],
+        "ambiguous_partial_captions": _ambiguous_partial(clips),
         "videos": [_clip_record(c, cfg.fps) for c in clips],
     }
 
 
+def _ambiguous_partial(clips: list[Clip]) -> dict[str, int]:
+    """Per split, the one-event captions whose event another clip of the split also holds."""
+    counts = {}
+    for split in SPLITS:
+        members = [c for c in clips if c.split == split]
+        holders = Counter(key for c in members for key in {_event_key(e) for e in c.events})
+        counts[split] = sum(
+            len(named) == 1 < len(c.events) and holders[_event_key(c.events[named[0]])] > 1
+            for c in members
+            for named in c.named_events()
+        )
+    return counts
+
+
 def _clip_record(clip: Clip, fps: int) -> dict:
-    frames = sum(e.frames for e in clip.events)
+    frames = sum(e.frames for e in clip.events) + sum(d.frames for d in clip.distractors)
     return {
         "video": clip.name,
         "split": clip.split,
@@ -387,7 +697,28 @@ def _clip_record(clip: Clip, fps: int) -> dict:
         "twin": clip.twin,
         "captions": list(clip.captions),
         "events": [dataclasses.asdict(e) for e in clip.events],
+        # Per caption: the indices (into events) of the events it names, and whether it is wordy.
+        "caption_info": [
+            {"events": list(named), "wordy": wordy}
+            for named, wordy in zip(clip.named_events(), clip.wordy_flags())
+        ],
+        "distractors": distractor_spans(clip, fps),
     }
+
+
+def distractor_spans(clip: Clip, fps: int) -> list[dict]:
+    """Start and end (seconds) and kind of each distractor span of a clip, in time order."""
+    before = {d.gap: d for d in clip.distractors}
+    spans, frame = [], 0
+    for gap in range(len(clip.events) + 1):
+        if gap in before:
+            d = before[gap]
+            end = frame + d.frames
+            spans.append({"start_s": frame / fps, "end_s": end / fps, "kind": d.kind})
+            frame += d.frames
+        if gap < len(clip.events):
+            frame += clip.events[gap].frames
+    return spans
 
 
 def _write_atomic(path: Path, text: str) -> None:
