@@ -143,6 +143,8 @@ def train_heads(
     max_words: int = typer.Option(32, min=2, help="Word tokens per caption (SOT..EOT)."),
     dropout: float = typer.Option(0.1, min=0.0, max=0.9),
     temporal_layers: int = typer.Option(4, min=1),
+    temporal_init: str = typer.Option("clip", help="clip: start the temporal encoder from CLIP's first text "
+                                      "blocks and positions (CLIP4Clip) | random."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     amp: str = typer.Option("bf16", help="Mixed precision on CUDA: bf16 | fp16 | none (ignored on CPU)."),
@@ -161,7 +163,7 @@ def train_heads(
     _setup_logging(verbose)
     logging.getLogger("heads.trainer").setLevel(logging.INFO)  # a line every 50 steps: epochs can be long
     from heads.config import HeadConfig
-    from heads.trainer import TrainConfig
+    from heads.trainer import NonFiniteLoss, TrainConfig
     from pipeline.read import FeaturesError
     from workflows.train import CURVES, METRICS, RunConfig, train
 
@@ -172,7 +174,8 @@ def train_heads(
         head = HeadConfig(variant=variant, temporal=not no_temporal, video_enhance=not no_video_enhance,
                           text_enhance=not no_text_enhance, interaction=not no_interaction,
                           fine=not coarse_only, coarse=not fine_only, max_frames=max_frames,
-                          temporal_layers=temporal_layers, dropout=dropout, unfreeze_proj=unfreeze_proj)
+                          temporal_layers=temporal_layers, temporal_init=temporal_init, dropout=dropout,
+                          unfreeze_proj=unfreeze_proj)
         cfg = RunConfig(features=str(features.resolve()), head=head,
                         train=TrainConfig(epochs=epochs or 0, lr=lr, weight_decay=weight_decay, warmup=warmup,
                                           seed=seed, device=dev, amp=amp),
@@ -180,6 +183,8 @@ def train_heads(
         train(cfg, out, resume=resume, min_steps=min_steps)
     except (FeaturesError, ValueError) as e:
         _fail(str(e))
+    except NonFiniteLoss as e:
+        _fail(str(e), code=1)
     typer.echo(f"run in {out}: config.json, {METRICS}, {CURVES}, last.pt"
                + (", best.pt" if (out / "best.pt").exists() else ""))
 
@@ -192,6 +197,9 @@ def eval_(
     dsl: bool = typer.Option(False, help="Dual softmax at inference (reported apart from plain numbers)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics JSON here."),
     chunk: int = typer.Option(256, min=1, help="Texts and videos per scoring block (bounds memory)."),
+    v2t_protocol: str = typer.Option("group", help="Video-to-text with several captions per video: group "
+                                     "(CLIP4Clip / X-Pool: each video's caption group ranked among the groups) "
+                                     "| caption (best own caption among all captions; stricter)."),
     device: str = typer.Option("auto"),
 ):
     """R@1/5/10, MdR, MnR for text-to-video and video-to-text on one split."""
@@ -200,8 +208,9 @@ def eval_(
     from workflows.evaluate import EvalError, evaluate, format_table
 
     try:
-        report = evaluate(features, run, split=split, dsl=dsl, device=_device(device), chunk=chunk)
-    except (FeaturesError, EvalError) as e:
+        report = evaluate(features, run, split=split, dsl=dsl, device=_device(device), chunk=chunk,
+                          v2t_protocol=v2t_protocol)
+    except (FeaturesError, EvalError, ValueError) as e:
         _fail(str(e))
     typer.echo(format_table(report))
     if json_out:

@@ -21,8 +21,12 @@ class HeadConfig:
     interaction: bool = True  # S4 text-conditioned pooling for the coarse term; off -> coarse uses the mean-pooled v_bar
     fine: bool = True  # S5 fine-grained (word x frame) term; the S2/S3 enhancements only feed this term
     coarse: bool = True  # S5 coarse cos(t, v) term
+    fusion: str = "sum"  # how S5 joins the terms: "sum" = fine + coarse (the patent), "mean" = (fine + coarse) / 2,
+    # "weighted" = w_c * coarse + w_f * fine with (w_c, w_f) a learnt softmax, starting at (1/2, 1/2)
     temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
     temporal_heads: int = 8  # attention heads of the temporal encoder and of the frame-weight self-attention
+    temporal_init: str = "clip"  # "clip": start from CLIP's first text blocks and positions (CLIP4Clip); "random"
+    temporal_activation: str = "gelu"  # "gelu" | "quick_gelu" (OpenAI CLIP's blocks); set from CLIP with clip init
     cross_heads: int = 1  # heads of the S3/S4 cross attentions (patent silent; X-Pool's default is 1)
     max_frames: int = 12  # frames the data layer samples per video for training
     max_positions: int = 64  # rows of the learned position table (>= max_frames), so evaluation on longer clips fits
@@ -38,6 +42,12 @@ class HeadConfig:
             setattr(self, name, value)
         if not (self.fine or self.coarse):
             raise ValueError("at least one of fine / coarse must be on, or the head scores nothing")
+        if self.fusion not in ("sum", "mean", "weighted"):
+            raise ValueError(f"fusion must be 'sum', 'mean' or 'weighted', not {self.fusion!r}")
+        if self.temporal_init not in ("clip", "random"):
+            raise ValueError(f"temporal_init must be 'clip' or 'random', not {self.temporal_init!r}")
+        if self.temporal_activation not in ("gelu", "quick_gelu"):
+            raise ValueError(f"temporal_activation must be 'gelu' or 'quick_gelu', not {self.temporal_activation!r}")
         if self.max_positions < self.max_frames:
             raise ValueError(f"max_positions={self.max_positions} is smaller than max_frames={self.max_frames}")
         if self.logit_scale_init > self.logit_scale_max:

@@ -11,7 +11,9 @@ Passes over video_chunks():
   (dsl only) the softmax normalisers: for each video the logsumexp over all texts of temp * s, for each
      text the logsumexp over all videos; both need every score, hence a full extra pass;
   2. counts: for each text, other videos scoring strictly higher than its own video; for each video,
-     captions of other videos scoring strictly higher than its best own caption (see metrics.py tie rule).
+     other caption groups (or captions, v2t_protocol="caption") scoring strictly higher than its best own
+     caption (see metrics.py for ties and non-finite scores). The group protocol keeps an (Nv, video_chunk)
+     buffer of group maxima when some video has several captions; with one caption per video it needs none.
 Own pairs are excluded from the counts by index, not by score, so a last-bit difference between
 score_pairs and score() can never move a rank.
 """
@@ -21,7 +23,8 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from .metrics import check_text_to_video, dsl_rescale, metrics_from_ranks, ranks_from_scores
+from .metrics import (beats, candidate_score, check_protocol, check_text_to_video, dsl_rescale, group_max,
+                      last_if_non_finite, metrics_from_ranks, own_score, ranks_from_scores)
 from .model import TEXT_KEYS, VIDEO_KEYS, RetrievalHead, TextFeatures, VideoFeatures
 
 VideoChunks = Callable[[], Iterable[tuple[int, dict]]]
@@ -35,6 +38,8 @@ class EvalResult:
     v2t: dict  # metrics_from_ranks(v2t_ranks)
     top_k_indices: Optional[Tensor] = None  # (Nt, k) best videos per text, best first (if asked)
     top_k_scores: Optional[Tensor] = None  # (Nt, k) their scores (DSL-rescaled with dsl=True)
+    v2t_protocol: str = "group"  # metrics.V2T_PROTOCOLS
+    non_finite: int = 0  # texts whose score with their own video is NaN or infinite (each ranked last)
 
     def as_dict(self) -> dict:
         """Flat metrics such as t2v_R1, v2t_MdR (what the trainer's validate() returns)."""
@@ -89,18 +94,23 @@ def score_matrix(model: RetrievalHead, texts: dict, video_chunks: VideoChunks, n
 
 def rank_all(model: RetrievalHead, texts: dict, text_to_video: Tensor, video_chunks: VideoChunks,
              n_videos: int, text_chunk: int = 256, device="cpu", dsl: bool = False, dsl_temp: float = 100.0,
-             top_k: int = 0) -> EvalResult:
+             top_k: int = 0, v2t_protocol: str = "group") -> EvalResult:
     """Ranks of all Nt texts (t2v) and Nv videos (v2t) in bounded memory; see the module docstring.
 
     texts: the TEXT_KEYS tensors for all Nt queries. text_to_video: (Nt,) own video of each caption.
     video_chunks(): yields (start, {frames, frame_mask}) for videos start..start+len; called once per pass.
     dsl: rank on dual-softmax scores (metrics.dual_softmax) with temperature dsl_temp.
     top_k: also return the best top_k videos (indices, scores) per text.
+    v2t_protocol: "group" or "caption" (metrics.V2T_PROTOCOLS); non-finite scores as in metrics.py.
     """
+    check_protocol(v2t_protocol)
     device = torch.device(device)
     text_to_video = text_to_video.to(device)
     check_text_to_video(text_to_video, n_videos)
     n_texts = len(text_to_video)
+    captions_per_video = torch.bincount(text_to_video, minlength=n_videos)  # (Nv,)
+    # with one caption per video the group and caption protocols coincide: skip the (Nv, chunk) group buffer
+    grouped = v2t_protocol == "group" and bool((captions_per_video > 1).any())
     with _Evaluating(model):
         text_feats = _encode_texts(model, texts, text_chunk, device)
         videos = lambda: _encode_videos(model, video_chunks, n_videos, device)  # noqa: E731
@@ -127,9 +137,9 @@ def rank_all(model: RetrievalHead, texts: dict, text_to_video: Tensor, video_chu
         own_t2v = dsl_rescale(own, lse_texts[text_to_video], dsl_temp) if dsl else own  # (Nt,)
         own_v2t = dsl_rescale(own, lse_videos, dsl_temp) if dsl else own  # (Nt,)
         best_own = torch.full((n_videos,), -torch.inf, device=device)
-        best_own = best_own.scatter_reduce(0, text_to_video, own_v2t, "amax")  # (Nv,) best own caption per video
+        best_own = best_own.scatter_reduce(0, text_to_video, own_score(own_v2t), "amax")  # (Nv,) best own caption
 
-        # pass 2: strictly-greater counts
+        # pass 2: counts of competitors ranked above the query's own (metrics.beats)
         t2v_count = torch.zeros(n_texts, dtype=torch.long, device=device)
         v2t_count = torch.zeros(n_videos, dtype=torch.long, device=device)
         k = min(top_k, n_videos)
@@ -138,29 +148,44 @@ def rank_all(model: RetrievalHead, texts: dict, text_to_video: Tensor, video_chu
         for start, video in videos():
             ve = start + len(video)
             video_idx = torch.arange(start, ve, device=device)  # (nv,)
+            groups = torch.full((n_videos, len(video)), -torch.inf, device=device) if grouped else None
             for ts, text in text_feats:
                 te = ts + len(text)
                 s = model.score(text, video).float()  # (nt, nv)
                 s_t2v = dsl_rescale(s, lse_texts[None, start:ve], dsl_temp) if dsl else s
                 s_v2t = dsl_rescale(s, lse_videos[ts:te, None], dsl_temp) if dsl else s
                 is_own = text_to_video[ts:te, None] == video_idx[None, :]  # (nt, nv)
-                t2v_count[ts:te] += ((s_t2v > own_t2v[ts:te, None]) & ~is_own).sum(1)
-                v2t_count[start:ve] += ((s_v2t > best_own[None, start:ve]) & ~is_own).sum(0)
+                t2v_count[ts:te] += (beats(s_t2v, own_t2v[ts:te, None]) & ~is_own).sum(1)
+                if grouped:  # (Nv groups, nv): the best caption of each group against each video of the chunk
+                    groups = torch.maximum(groups, group_max(s_v2t, text_to_video[ts:te], n_videos))
+                else:
+                    v2t_count[start:ve] += (beats(s_v2t, best_own[None, start:ve]) & ~is_own).sum(0)
                 if k:
-                    merged = torch.cat([top_scores[ts:te], s_t2v], 1)  # (nt, k + nv)
+                    merged = torch.cat([top_scores[ts:te], candidate_score(s_t2v)], 1)  # (nt, k + nv)
                     merged_idx = torch.cat([top_indices[ts:te], video_idx.expand(te - ts, -1)], 1)
                     top_scores[ts:te], pos = merged.topk(k, dim=1)
                     top_indices[ts:te] = merged_idx.gather(1, pos)
+            if grouped:
+                groups[video_idx, torch.arange(len(video), device=device)] = -torch.inf  # own group
+                v2t_count[start:ve] = (groups > best_own[None, start:ve]).sum(0)
 
+    t2v_count = last_if_non_finite(t2v_count, own_t2v, n_videos - 1)
+    v2t_competitors = n_videos - 1 if v2t_protocol == "group" else n_texts - captions_per_video
+    v2t_count = last_if_non_finite(v2t_count, best_own, v2t_competitors)
     t2v_ranks, v2t_ranks = (1 + t2v_count).cpu(), (1 + v2t_count).cpu()
     return EvalResult(t2v_ranks=t2v_ranks, v2t_ranks=v2t_ranks,
                       t2v=metrics_from_ranks(t2v_ranks), v2t=metrics_from_ranks(v2t_ranks),
-                      top_k_indices=top_indices.cpu() if k else None, top_k_scores=top_scores.cpu() if k else None)
+                      top_k_indices=top_indices.cpu() if k else None, top_k_scores=top_scores.cpu() if k else None,
+                      v2t_protocol=v2t_protocol, non_finite=int((~torch.isfinite(own)).sum()))
 
 
 def rank_small(model: RetrievalHead, texts: dict, text_to_video: Tensor, video_chunks: VideoChunks,
-               n_videos: int, dsl: bool = False, dsl_temp: float = 100.0, **kw) -> EvalResult:
+               n_videos: int, dsl: bool = False, dsl_temp: float = 100.0, v2t_protocol: str = "group",
+               **kw) -> EvalResult:
     """Reference path for small sets: ranks_from_scores on the full score_matrix."""
-    t2v_ranks, v2t_ranks = ranks_from_scores(score_matrix(model, texts, video_chunks, n_videos, **kw),
-                                             text_to_video, dsl=dsl, dsl_temp=dsl_temp)
-    return EvalResult(t2v_ranks, v2t_ranks, metrics_from_ranks(t2v_ranks), metrics_from_ranks(v2t_ranks))
+    scores = score_matrix(model, texts, video_chunks, n_videos, **kw)
+    t2v_ranks, v2t_ranks = ranks_from_scores(scores, text_to_video, dsl=dsl, dsl_temp=dsl_temp,
+                                             v2t_protocol=v2t_protocol)
+    own = scores[torch.arange(len(scores)), text_to_video]
+    return EvalResult(t2v_ranks, v2t_ranks, metrics_from_ranks(t2v_ranks), metrics_from_ranks(v2t_ranks),
+                      v2t_protocol=v2t_protocol, non_finite=int((~torch.isfinite(own)).sum()))

@@ -3,6 +3,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -34,16 +35,63 @@ class Projections(nn.Module):
         return x @ self.text
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI's CLIP blocks, needed to reuse their weights."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# open_clip's ResidualAttentionBlock parameter names -> nn.TransformerEncoderLayer's (the same pre-LN block)
+CLIP_BLOCK_NAMES = {
+    "ln_1.weight": "norm1.weight", "ln_1.bias": "norm1.bias",
+    "attn.in_proj_weight": "self_attn.in_proj_weight", "attn.in_proj_bias": "self_attn.in_proj_bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "ln_2.weight": "norm2.weight", "ln_2.bias": "norm2.bias",
+    "mlp.c_fc.weight": "linear1.weight", "mlp.c_fc.bias": "linear1.bias",
+    "mlp.c_proj.weight": "linear2.weight", "mlp.c_proj.bias": "linear2.bias",
+}
+
+
 class TemporalEncoder(nn.Module):
     """S2 temporal: f = f0 + Enc(f0 + P[:F]), CLIP4Clip's seqTransf."""
 
-    def __init__(self, dim: int, layers: int, heads: int, max_positions: int, dropout: float):
+    def __init__(self, dim: int, layers: int, heads: int, max_positions: int, dropout: float,
+                 activation: str = "gelu"):
         super().__init__()
         self.position_embedding = nn.Parameter(torch.randn(max_positions, dim) * 0.01)  # (P, D)
-        # pre-LN with GELU like CLIP's own blocks; no nested tensors so padded and unpadded inputs take one path
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="gelu",
+        act = QuickGELU() if activation == "quick_gelu" else activation
+        # pre-LN like CLIP's own blocks; no nested tensors so padded and unpadded inputs take one path
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation=act,
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    @torch.no_grad()
+    def load_clip_blocks(self, state: dict[str, Tensor]) -> int:
+        """CLIP4Clip's initialisation: the first blocks of CLIP's text transformer and its positional embedding.
+
+        state holds open_clip names: "positional_embedding" (77, D) and "resblocks.{i}.<CLIP_BLOCK_NAMES key>".
+        Layers beyond the blocks given keep their random start; rows beyond the 77 positions too. The caller
+        makes the head count and activation equal to CLIP's (the weights mean nothing otherwise).
+        Returns the number of blocks copied.
+        """
+        pos = state["positional_embedding"]
+        if pos.shape[-1] != self.position_embedding.shape[-1]:
+            raise ValueError(f"CLIP's text transformer is {pos.shape[-1]} wide, the temporal encoder "
+                             f"{self.position_embedding.shape[-1]}: they cannot share weights")
+        rows = min(len(pos), len(self.position_embedding))
+        self.position_embedding[:rows] = pos[:rows]
+        copied = 0
+        for i, layer in enumerate(self.encoder.layers):
+            prefix = f"resblocks.{i}."
+            if prefix + "ln_1.weight" not in state:
+                break
+            ours = layer.state_dict()
+            for clip_name, name in CLIP_BLOCK_NAMES.items():
+                ours[name] = state[prefix + clip_name].to(ours[name].dtype)
+            layer.load_state_dict(ours)
+            copied += 1
+        return copied
 
     def forward(self, f0: Tensor, mask: Tensor) -> Tensor:
         n_frames = f0.shape[1]
@@ -70,7 +118,12 @@ class LocalEnhancer(nn.Module):
 
 
 class FrameWeights(nn.Module):
-    """S2 adaptive weights: a_i = sigmoid(FC2(SelfAttn(FC1(h_i)))), one weight in (0, 1) per frame, 0 on padding."""
+    """S2 adaptive weights: a_i = sigmoid(FC2(SelfAttn(FC1(h_i)))), one weight in (0, 1) per frame.
+
+    Returns the pre-sigmoid logits x (B, F); a_i = sigmoid(x_i). Callers normalise the weights over valid
+    frames as softmax(logsigmoid(x)), which equals a / sum(a) but cannot become 0/0 when every sigmoid
+    underflows (a training run saw x ~ -88 on all frames of a video, then NaN).
+    """
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -81,8 +134,12 @@ class FrameWeights(nn.Module):
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         x = self.fc1(h)  # (B, F, D)
         x, _ = self.attn(x, x, x, key_padding_mask=~mask, need_weights=False)  # (B, F, D)
-        a = torch.sigmoid(self.fc2(x)).squeeze(-1)  # (B, F)
-        return torch.where(mask, a, 0)
+        return self.fc2(x).squeeze(-1)  # (B, F) logits; padding is masked by the caller
+
+
+def normalised_frame_weights(logits: Tensor, mask: Tensor) -> Tensor:
+    """sigmoid(logits) / sum over valid frames, computed as a softmax of logsigmoid: finite for any logits."""
+    return masked_softmax(F.logsigmoid(logits.float()), mask)  # (B, F), 0 on padding
 
 
 class KeywordAttention(nn.Module):
@@ -94,6 +151,10 @@ class KeywordAttention(nn.Module):
         self.ln_keywords = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.drop = nn.Dropout(dropout)
+        # Identity start (as S4 and the LSTM residual): with a zero output projection an untrained S3
+        # leaves w_e = w, instead of adding a random mix of keyword features to every word.
+        nn.init.zeros_(self.attn.out_proj.weight)
+        nn.init.zeros_(self.attn.out_proj.bias)
 
     def forward(self, w: Tensor, k: Tensor, k_mask: Tensor) -> Tensor:
         if k.shape[1] == 0:

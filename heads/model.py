@@ -5,6 +5,7 @@ All inputs are CLIP features before the output projection; padding (mask False) 
 """
 import math
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from .config import HeadConfig
 from .layers import (FrameWeights, KeywordAttention, LocalEnhancer, Projections, TemporalEncoder,
-                     TextConditionedPool, masked_mean, masked_softmax)
+                     TextConditionedPool, masked_mean, masked_softmax, normalised_frame_weights)
 from .loss import symmetric_infonce
 
 TEXT_KEYS = ("text_global", "tokens", "token_mask", "keywords", "keyword_mask")
@@ -34,9 +35,9 @@ class _Rows:
 class VideoFeatures(_Rows):
     f0: Tensor  # (Nv, F, D) projected frames
     f: Tensor  # (Nv, F, D) temporal frame features
-    v_bar: Tensor  # (Nv, D) masked mean of f
+    v_bar: Tensor  # (Nv, D) masked mean of the L2-normalised f (CLIP4Clip's pooling, before its final norm)
     h: Tensor  # (Nv, F, D) enhanced local features
-    a: Tensor  # (Nv, F) adaptive frame weights in (0, 1), 0 on padding
+    beta: Tensor  # (Nv, F) adaptive frame weights normalised over real frames (uniform without S2), 0 on padding
     mask: Tensor  # (Nv, F) True = real frame
 
 
@@ -51,7 +52,10 @@ class TextFeatures(_Rows):
 
 class RetrievalHead(nn.Module):
 
-    def __init__(self, cfg: HeadConfig, image_proj: Tensor, text_proj: Tensor):
+    def __init__(self, cfg: HeadConfig, image_proj: Tensor, text_proj: Tensor,
+                 clip_blocks: Optional[dict[str, Tensor]] = None):
+        """clip_blocks: CLIP's text-transformer blocks and positional embedding (open_clip names, see
+        TemporalEncoder.load_clip_blocks) to start the temporal encoder from, as CLIP4Clip does."""
         super().__init__()
         self.cfg = cfg
         self.proj = Projections(image_proj, text_proj, trainable=cfg.unfreeze_proj)
@@ -59,7 +63,9 @@ class RetrievalHead(nn.Module):
         # a switched-off module is never built, so ablations differ in parameters, not just in behaviour;
         # the S2/S3 enhancements and the word weights only feed the fine term
         self.temporal = (TemporalEncoder(dim, cfg.temporal_layers, cfg.temporal_heads, cfg.max_positions,
-                                         cfg.dropout) if cfg.temporal else None)
+                                         cfg.dropout, cfg.temporal_activation) if cfg.temporal else None)
+        if self.temporal is not None and clip_blocks is not None:
+            self.temporal.load_clip_blocks(clip_blocks)
         enhance_video = cfg.fine and cfg.video_enhance
         self.local = LocalEnhancer(dim) if enhance_video else None
         self.frame_weights = FrameWeights(dim, cfg.temporal_heads) if enhance_video else None
@@ -70,19 +76,24 @@ class RetrievalHead(nn.Module):
         self.pool = (TextConditionedPool(dim, cfg.cross_heads, cfg.dropout)
                      if cfg.coarse and cfg.interaction else None)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        # logits of the (coarse, fine) weights with fusion "weighted"; equal logits = the mean of the two
+        self.fusion_logits = (nn.Parameter(torch.zeros(2)) if cfg.fusion == "weighted" and cfg.fine and cfg.coarse
+                              else None)
 
     # ---- S2: video ---------------------------------------------------------------------------------
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
         f0 = self.proj.project_image(frames)  # (Nv, F, D)
         f = self.temporal(f0, frame_mask) if self.temporal is not None else f0  # (Nv, F, D)
-        v_bar = masked_mean(f, frame_mask)  # (Nv, D)
+        # CLIP4Clip's pooling (_loose_similarity): normalise each frame, then average (normalised again in
+        # _coarse); unnormalised frames would let a few long feature vectors outvote the others
+        v_bar = masked_mean(F.normalize(f, dim=-1), frame_mask)  # (Nv, D)
         if self.local is not None:
             h = self.local(f, v_bar)  # (Nv, F, D)
             # the weights act as frame weights of the fine match; scaling h by them would not change a cosine
-            a = self.frame_weights(h, frame_mask)  # (Nv, F)
+            beta = normalised_frame_weights(self.frame_weights(h, frame_mask), frame_mask)  # (Nv, F)
         else:
-            h, a = f, frame_mask.to(f.dtype)  # (Nv, F, D), (Nv, F)
-        return VideoFeatures(f0=f0, f=f, v_bar=v_bar, h=h, a=a, mask=frame_mask)
+            h, beta = f, frame_mask / frame_mask.sum(1, keepdim=True).clamp(min=1)  # (Nv, F, D), (Nv, F)
+        return VideoFeatures(f0=f0, f=f, v_bar=v_bar, h=h, beta=beta.to(f.dtype), mask=frame_mask)
 
     # ---- S3: text ----------------------------------------------------------------------------------
     def encode_text(self, text_global: Tensor, tokens: Tensor, token_mask: Tensor,
@@ -112,12 +123,15 @@ class RetrievalHead(nn.Module):
         return self._score(text, video, aligned=True)
 
     def _score(self, text: TextFeatures, video: VideoFeatures, aligned: bool) -> Tensor:
-        s = 0
-        if self.cfg.coarse:
-            s = s + self._coarse(text, video, aligned)
-        if self.cfg.fine:
-            s = s + self._fine(text, video, aligned)
-        return s
+        if not (self.cfg.coarse and self.cfg.fine):
+            return self._coarse(text, video, aligned) if self.cfg.coarse else self._fine(text, video, aligned)
+        coarse, fine = self._coarse(text, video, aligned), self._fine(text, video, aligned)
+        if self.cfg.fusion == "sum":
+            return coarse + fine
+        if self.cfg.fusion == "mean":
+            return (coarse + fine) / 2
+        w = self.fusion_logits.softmax(0)
+        return w[0] * coarse + w[1] * fine
 
     def _coarse(self, text: TextFeatures, video: VideoFeatures, aligned: bool) -> Tensor:
         t = F.normalize(text.t, dim=-1)  # (Nt, D)
@@ -134,17 +148,16 @@ class RetrievalHead(nn.Module):
         h = F.normalize(video.h, dim=-1)  # (Nv, F, D)
         if aligned:
             c = torch.einsum("twd,tfd->twf", w, h).unsqueeze(1)  # (N, 1, N_w, F)
-            return c, video.mask.unsqueeze(1), video.a.unsqueeze(1)  # (N, 1, F)
+            return c, video.mask.unsqueeze(1), video.beta.unsqueeze(1)  # (N, 1, F)
         c = torch.einsum("twd,vfd->tvwf", w, h)  # (Nt, Nv, N, F)
-        return c, video.mask.unsqueeze(0), video.a.unsqueeze(0)  # (1, Nv, F)
+        return c, video.mask.unsqueeze(0), video.beta.unsqueeze(0)  # (1, Nv, F)
 
     def _fine(self, text: TextFeatures, video: VideoFeatures, aligned: bool) -> Tensor:
         """DRL's weighted token interaction with the patent's frame weights."""
-        c, frame_mask, a = self._word_frame_cos(text, video, aligned)  # (Nt, Nv, N, F), (., ., F), (., ., F)
+        c, frame_mask, beta = self._word_frame_cos(text, video, aligned)  # (Nt, Nv, N, F), (., ., F), (., ., F)
         word_mask = text.mask.unsqueeze(1)  # (Nt, 1, N)
         best_frame = c.masked_fill(~frame_mask.unsqueeze(2), -math.inf).amax(-1)  # (Nt, Nv, N)
         best_word = c.masked_fill(~word_mask.unsqueeze(-1), -math.inf).amax(-2)  # (Nt, Nv, F)
-        beta = a / a.sum(-1, keepdim=True)  # (., ., F) normalised over valid frames
         t2v = torch.where(word_mask, best_frame * text.alpha.unsqueeze(1), 0).sum(-1)  # (Nt, Nv)
         v2t = torch.where(frame_mask, best_word * beta, 0).sum(-1)  # (Nt, Nv)
         s = (t2v + v2t) / 2

@@ -39,6 +39,10 @@ class TrainConfig:
             raise ValueError(f"unknown amp mode {self.amp!r}; expected 'none', 'bf16' or 'fp16'")
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient; last.pt still holds the last finished epoch."""
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay weight matrices only; no decay on biases, LayerNorm, position embeddings or tau (as CLIP does)."""
     decay, no_decay = [], []
@@ -124,10 +128,18 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, logs = model(batch)
+            # one host sync per step (microseconds against a step's milliseconds): a NaN must stop the run
+            # before the optimiser writes it into the weights, and last.pt must stay the last good epoch
+            if not torch.isfinite(loss).item():
+                raise NonFiniteLoss(_non_finite_message("loss", loss.item(), epoch, step, run_dir))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            # fp16 loss scaling overflows on purpose now and then (the scaler skips that step); anything else
+            # non-finite is a fault
+            if not scaler.is_enabled() and not torch.isfinite(norm).item():
+                raise NonFiniteLoss(_non_finite_message("gradient norm", norm.item(), epoch, step, run_dir))
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -144,7 +156,7 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
             record.update({k: _plain(v) for k, v in validate(model).items()})
         history.append(record)
         metric = record.get("t2v_R1", record.get("R1"))
-        is_best = metric is not None and metric > best
+        is_best = metric is not None and math.isfinite(metric) and metric > best
         best = metric if is_best else best
 
         # the RNG state is taken after validate(), the last thing before the next epoch in an unbroken run
@@ -161,6 +173,13 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
         if on_epoch_end is not None:
             on_epoch_end(record)
     return history
+
+
+def _non_finite_message(what: str, value: float, epoch: int, step: int, run_dir: Path) -> str:
+    kept = (f"{run_dir / 'last.pt'} holds the weights after epoch {epoch} (the last finished one)"
+            if epoch > 0 else "no checkpoint was written (it failed in the first epoch)")
+    return (f"training stopped: {what} is {value} at epoch {epoch + 1}, step {step + 1}; {kept}. "
+            "Try a lower --lr, a longer warm-up, or --amp none")
 
 
 def load_head(path, map_location="cpu") -> RetrievalHead:

@@ -84,7 +84,8 @@ def _check_previous(cfg: ExtractConfig, overwrite: bool) -> None:
     out = cfg.out_path
     if overwrite:
         shutil.rmtree(out / S.SHARDS_DIR, ignore_errors=True)
-        for name in (S.PLAN_FILE, S.MANIFEST_FILE, S.ALL_CAPTIONS_FILE, S.FAILURES_FILE, S.SUMMARY_FILE):
+        for name in (S.PLAN_FILE, S.MANIFEST_FILE, S.ALL_CAPTIONS_FILE, S.FAILURES_FILE, S.SUMMARY_FILE,
+                     S.CLIP_BLOCKS_FILE):
             (out / name).unlink(missing_ok=True)
         return
     previous = out / S.CONFIG_FILE
@@ -97,6 +98,15 @@ def _check_previous(cfg: ExtractConfig, overwrite: bool) -> None:
     if before != cfg.feature_settings():
         raise ExtractError(f"{out} holds features made with {json.dumps(before)}, not "
                            f"{json.dumps(cfg.feature_settings())}; use another --out, or --overwrite")
+
+
+def _write_clip_blocks(cfg: ExtractConfig) -> None:
+    """CLIP's first text blocks for the heads' temporal encoder (pipeline/clip_init.py); loaded on the CPU."""
+    from .clip_init import save_text_blocks
+    from .encode import ModelSpec, load_clip
+
+    model = load_clip(ModelSpec(model=cfg.clip.model, pretrained=cfg.clip.pretrained, device="cpu"))
+    save_text_blocks(model, cfg.out_path, {"model": cfg.clip.model, "pretrained": cfg.clip.pretrained})
 
 
 def plan_shards(out: Path, videos: list[str], shard_size: int) -> list[list[str]]:
@@ -200,6 +210,8 @@ def extract(cfg: ExtractConfig, overwrite: bool = False, progress: bool = True) 
         _atomic_json(out / S.CONFIG_FILE, {"config": cfg.to_dict(), "schema_version": S.SCHEMA_VERSION,
                                            "versions": _versions()})
         remove_stale_temporaries(out)
+        if not (out / S.CLIP_BLOCKS_FILE).exists():  # also written by a rerun over a folder made before it existed
+            _write_clip_blocks(cfg)
         tasks, todo = _tasks(cfg, inputs)
         skipped = sum(len(t.videos) for t in tasks) - sum(len(t.videos) for t in todo)
         bar = tqdm(total=sum(len(t.videos) for t in todo), unit="video", disable=not progress,

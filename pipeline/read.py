@@ -97,6 +97,20 @@ class FeatureStore:
         path = self.root / S.CONFIG_FILE
         return json.loads(path.read_text()) if path.exists() else {}
 
+    def clip_blocks(self):
+        """(tensors, info) of CLIP's first text blocks (pipeline/clip_init.py), or None for a folder
+        extracted before they were saved."""
+        from .clip_init import load_text_blocks
+
+        path = self.root / S.CLIP_BLOCKS_FILE
+        if not path.exists():
+            return None
+        try:
+            return load_text_blocks(path)
+        except Exception as e:  # a truncated or foreign file: say which
+            raise FeaturesError(f"{path}: unreadable ({type(e).__name__}: {e}); rerun extract on this "
+                                "folder to write it again") from None
+
     # --- arrays -----------------------------------------------------------------------
     def _h5(self, shard_pos: int) -> h5py.File:
         files = getattr(self._local, "files", None)

@@ -4,6 +4,8 @@ An output folder of `extract` looks like this::
 
     OUT/config.json              the extraction config, model, weights tag, package versions
     OUT/plan.json                which video went to which shard (kept across reruns)
+    OUT/clip_text_blocks.safetensors  CLIP's first text blocks + positional embedding, from which the
+                                 heads' temporal encoder starts (CLIP4Clip's seqTransf initialisation)
     OUT/shards/shard-00000/      one complete shard (written under a temporary name, then renamed)
         features.h5              dense arrays, see H5_* below
         videos.parquet           one row per video of the shard (VIDEO_SCHEMA)
@@ -39,6 +41,9 @@ ALL_CAPTIONS_FILE = "captions.parquet"
 FAILURES_FILE = "failures.csv"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".extract.lock"
+CLIP_BLOCKS_FILE = "clip_text_blocks.safetensors"  # tensors "positional_embedding" (77, Dt) and
+# "resblocks.{i}.{open_clip parameter name}" for i < 4, fp32; metadata "info": JSON with blocks, width,
+# heads, activation ("gelu" | "quick_gelu"), model, pretrained
 
 # HDF5 datasets of features.h5. Shapes use: T total frames of the shard, Dv image width
 # before projection, C captions, W total text tokens, Dt text width, V distinct keywords,

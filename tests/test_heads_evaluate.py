@@ -31,22 +31,36 @@ def make_set(seed=0):
     return texts, text_to_video, video_chunks
 
 
+@pytest.mark.parametrize("protocol", ["group", "caption"])
 @pytest.mark.parametrize("dsl", [False, True])
 @pytest.mark.parametrize("variant", ["full", "meanp"])
-def test_rank_all_matches_ranks_on_the_full_matrix(dsl, variant):
+def test_rank_all_matches_ranks_on_the_full_matrix(dsl, variant, protocol):
     model = make_model(variant=variant)
     texts, text_to_video, video_chunks = make_set()
     full = score_matrix(model, texts, video_chunks(N_VIDEOS), N_VIDEOS, text_chunk=N_TEXTS)
-    expected = ranks_from_scores(full, text_to_video, dsl=dsl, dsl_temp=100.0)
-    result = rank_all(model, texts, text_to_video, video_chunks(3), N_VIDEOS, text_chunk=5, dsl=dsl, top_k=4)
+    expected = ranks_from_scores(full, text_to_video, dsl=dsl, dsl_temp=100.0, v2t_protocol=protocol)
+    result = rank_all(model, texts, text_to_video, video_chunks(3), N_VIDEOS, text_chunk=5, dsl=dsl, top_k=4,
+                      v2t_protocol=protocol)
     assert torch.equal(result.t2v_ranks, expected[0]) and torch.equal(result.v2t_ranks, expected[1])
     assert 1 < result.t2v["MnR"] < N_VIDEOS  # an untrained head ranks neither perfectly nor worst
     ranked = dual_softmax(full, 100.0)[0] if dsl else full
     top = ranked.topk(4, dim=1)
     assert torch.equal(result.top_k_indices, top.indices)
     torch.testing.assert_close(result.top_k_scores, top.values)
-    small = rank_small(model, texts, text_to_video, video_chunks(4), N_VIDEOS, dsl=dsl)
+    small = rank_small(model, texts, text_to_video, video_chunks(4), N_VIDEOS, dsl=dsl, v2t_protocol=protocol)
     assert small.as_dict() == result.as_dict()
+
+
+def test_a_head_with_nan_weights_ranks_every_query_last():
+    """A dead model must not look perfect: before, every NaN tie ranked first and R@1 was 100."""
+    model = make_model()
+    texts, text_to_video, video_chunks = make_set()
+    with torch.no_grad():
+        model.pool.linear.weight.fill_(float("nan"))
+    result = rank_all(model, texts, text_to_video, video_chunks(4), N_VIDEOS, text_chunk=7)
+    assert result.t2v["R1"] == 0.0 and result.v2t["R1"] == 0.0
+    assert result.t2v_ranks.tolist() == [N_VIDEOS] * N_TEXTS and result.v2t_ranks.tolist() == [N_VIDEOS] * N_VIDEOS
+    assert result.non_finite == N_TEXTS
 
 
 def test_rank_all_scores_only_chunk_sized_blocks_and_restores_train_mode():

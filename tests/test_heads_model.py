@@ -47,9 +47,16 @@ def make_batch(b=6, frames=6, words=7, keywords=3, seed=0, full=False):
     }
 
 
-def make_model(seed=0, **overrides):
+def make_model(seed=0, untrained=False, **overrides):
+    """A small head; unless untrained, S3's zero-initialised output projection gets small random weights, as
+    after some training, so that the keyword branch acts (an untrained S3 is the identity by design)."""
     torch.manual_seed(seed)
-    return RetrievalHead(HeadConfig(**{**SMALL, **overrides}), *make_projections())
+    model = RetrievalHead(HeadConfig(**{**SMALL, **overrides}), *make_projections())
+    if not untrained and model.keyword_attn is not None:
+        with torch.no_grad():
+            model.keyword_attn.attn.out_proj.weight.normal_(0, 0.1)
+            model.keyword_attn.attn.out_proj.bias.normal_(0, 0.1)
+    return model
 
 
 def encode(model, batch):
@@ -159,24 +166,34 @@ def test_config_rejects_unknown_variant_and_no_score_term():
     assert HeadConfig.from_dict(cfg.to_dict()) == cfg and not cfg.fine
 
 
-def test_meanp_is_cosine_of_mean_projected_frames_and_text():
+def test_untrained_keyword_attention_is_the_identity():
+    model, batch = make_model(untrained=True), make_batch()
+    model.eval()
+    text, _ = encode(model, batch)
+    assert batch["keyword_mask"].any()
+    torch.testing.assert_close(text.w_e, text.w, rtol=0, atol=0)
+
+
+def test_meanp_is_clip4clip_loose_similarity():
+    """CLIP4Clip's _loose_similarity: normalise each projected frame, mean over real frames, normalise."""
     model, batch = make_model(variant="meanp"), make_batch()
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["logit_scale"]
     image_proj, text_proj = make_projections()
     m = batch["frame_mask"].float()
-    video = ((batch["frames"] @ image_proj) * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+    frames = F.normalize(batch["frames"] @ image_proj, dim=-1)
+    video = (frames * m[..., None]).sum(1) / m.sum(1, keepdim=True)
     text = batch["text_global"] @ text_proj
     expected = F.normalize(text, dim=-1) @ F.normalize(video, dim=-1).T
     torch.testing.assert_close(scores(model, batch), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_seqtransf_is_cosine_of_mean_temporal_frames_and_text():
+def test_seqtransf_is_clip4clip_loose_similarity_of_temporal_frames():
     model, batch = make_model(variant="seqtransf"), make_batch()
     model.eval()
     with torch.no_grad():
         text, video = encode(model, batch)
         m = batch["frame_mask"].float()
-        v = (video.f * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+        v = (F.normalize(video.f, dim=-1) * m[..., None]).sum(1) / m.sum(1, keepdim=True)
         expected = F.normalize(text.t, dim=-1) @ F.normalize(v, dim=-1).T
         torch.testing.assert_close(model.score(text, video), expected, rtol=1e-5, atol=1e-6)
 
@@ -195,3 +212,76 @@ def test_logit_scale_starts_at_and_is_clamped_to_log_100():
         model.logit_scale.fill_(10.0)
     model.clamp_logit_scale_()
     assert model.logit_scale.item() == pytest.approx(math.log(100))
+
+
+def test_saturated_frame_weights_stay_finite_and_normalised():
+    """A seed-1 run drove every pre-sigmoid frame weight of some videos to about -88: sigmoid underflowed to 0
+    and a / sum(a) was 0/0. The weights are now a softmax of logsigmoid: finite whatever the logits."""
+    from heads.layers import normalised_frame_weights
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    for value in (-88.0, -1e4, 1e4, 0.0):
+        beta = normalised_frame_weights(torch.full((2, 4), value), mask)
+        assert torch.isfinite(beta).all()
+        torch.testing.assert_close(beta.sum(1), torch.ones(2))
+        assert (beta[~mask] == 0).all()
+    logits = torch.tensor([[-100.0, -90.0, -200.0, 5.0]])
+    beta = normalised_frame_weights(logits, mask[:1])
+    expected = torch.sigmoid(logits.double())[:, :3] / torch.sigmoid(logits.double())[:, :3].sum()
+    torch.testing.assert_close(beta[:, :3].double(), expected)  # the same as a / sum(a) where that is finite
+    model, batch = make_model(), make_batch()
+    with torch.no_grad():  # drive the frame-weight layer into saturation, as the failed run did
+        model.frame_weights.fc2.bias.fill_(-1e4)
+    loss, _ = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("fusion", ["sum", "mean", "weighted"])
+def test_fusion_joins_fine_and_coarse(fusion):
+    model, batch = make_model(fusion=fusion), make_batch()
+    model.eval()
+    with torch.no_grad():
+        text, video = encode(model, batch)
+        coarse, fine = model._coarse(text, video, False), model._fine(text, video, False)
+        expected = coarse + fine if fusion == "sum" else (coarse + fine) / 2
+        torch.testing.assert_close(model.score(text, video), expected)
+    assert (model.fusion_logits is not None) == (fusion == "weighted")
+
+
+def test_temporal_encoder_reproduces_clip_blocks_it_was_copied_from():
+    """CLIP4Clip's initialisation: each copied layer computes what open_clip's text block computes."""
+    import open_clip
+    from heads.layers import TemporalEncoder
+    from pipeline.clip_init import text_blocks_state
+    from pipeline.encode import ModelSpec, _text_tower, load_clip
+
+    clip = load_clip(ModelSpec("ViT-Tiny-16", "none", "cpu"))
+    blocks, info = text_blocks_state(clip)
+    assert info["blocks"] == 2 and info["width"] == 64 and info["heads"] == 2 and info["activation"] == "gelu"
+    enc = TemporalEncoder(64, 3, info["heads"], 64, dropout=0.0, activation=info["activation"]).eval()
+    assert enc.load_clip_blocks(blocks) == 2  # the tiny tower has two blocks; the third layer stays random
+    tower = _text_tower(clip)
+    torch.testing.assert_close(enc.position_embedding[:64], tower.positional_embedding[:64])
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        for i in range(2):
+            ours = enc.encoder.layers[i](x)
+            theirs = tower.transformer.resblocks[i](x)  # open_clip blocks are batch-first here
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # OpenAI's weights use QuickGELU: an open_clip model built with it reports it, and our layer matches
+    quick = open_clip.create_model("ViT-Tiny-16", pretrained=None, force_quick_gelu=True).eval()
+    blocks, info = text_blocks_state(quick)
+    assert info["activation"] == "quick_gelu"
+    enc = TemporalEncoder(64, 2, 2, 64, dropout=0.0, activation="quick_gelu").eval()
+    enc.load_clip_blocks(blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encoder.layers[1](x), _text_tower(quick).transformer.resblocks[1](x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_clip_blocks_of_another_width_are_refused():
+    from heads.layers import TemporalEncoder
+    enc = TemporalEncoder(32, 1, 2, 16, dropout=0.0)
+    with pytest.raises(ValueError, match="wide"):
+        enc.load_clip_blocks({"positional_embedding": torch.zeros(77, 64)})

@@ -86,3 +86,30 @@ def test_warmup_then_cosine():
     f = warmup_cosine(warmup_steps=4, total_steps=12)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    from heads.trainer import NonFiniteLoss
+    data = pairs()
+    model = make_model()
+    cfg = TrainConfig(epochs=4, lr=1e-3, log_every=1000)
+
+    def poisoned(epoch):
+        for batch in shuffled_batches(data, 16)(epoch):
+            if epoch == 2:
+                batch = {**batch, "frames": batch["frames"] * float("nan")}
+            yield batch
+
+    with pytest.raises(NonFiniteLoss, match="epoch 3, step 3.*last.pt holds the weights after epoch 2"):
+        fit(model, poisoned, 1, cfg, tmp_path)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["epochs_done"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_a_nan_validation_metric_never_becomes_best(tmp_path):
+    data = pairs()
+    metrics = iter([{"t2v_R1": 10.0}, {"t2v_R1": float("nan")}, {"t2v_R1": 5.0}])
+    fit(make_model(), shuffled_batches(data, 16), 1, TrainConfig(epochs=3, log_every=1000), tmp_path,
+        validate=lambda model: next(metrics))
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epochs_done"] == 1

@@ -102,3 +102,55 @@ def test_run_on_other_features_is_refused(synthetic_features, tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     res = run_cli("eval", "--features", str(synthetic_features), "--run", str(run), "--device", "cpu")
     assert res.returncode == 2 and "ViT-B-32" in res.stderr and "ViT-Tiny-16" in res.stderr
+
+
+def copy_features(src, dst):
+    import shutil
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".extract.lock"))
+    return dst
+
+
+def test_temporal_encoder_starts_from_clip_blocks_saved_by_extract(synthetic_features, tmp_path):
+    assert (synthetic_features / "clip_text_blocks.safetensors").exists()
+    run = tmp_path / "run"
+    assert run_cli(*train_args(synthetic_features, run, "--epochs", "1")).returncode == 0
+    head = json.loads((run / "config.json").read_text())["run"]["head"]
+    assert head["temporal_init"] == "clip" and head["temporal_heads"] == 2  # the tiny text tower's heads
+
+    old = copy_features(synthetic_features, tmp_path / "old")
+    (old / "clip_text_blocks.safetensors").unlink()  # a folder extracted before the file existed
+    res = run_cli(*train_args(old, tmp_path / "r1", "--epochs", "1"))
+    assert res.returncode == 2 and "clip_text_blocks.safetensors" in res.stderr and "--temporal-init random" in res.stderr
+    res = run_cli(*train_args(old, tmp_path / "r2", "--epochs", "1", "--temporal-init", "random"))
+    assert res.returncode == 0, res.stderr
+    (old / "clip_text_blocks.safetensors").write_bytes(b"not safetensors")
+    res = run_cli(*train_args(old, tmp_path / "r3", "--epochs", "1"))
+    assert res.returncode == 2 and "unreadable" in res.stderr
+
+
+def test_a_nan_feature_stops_training_with_a_clear_error(synthetic_features, tmp_path):
+    import h5py
+    broken = copy_features(synthetic_features, tmp_path / "broken")
+    for shard in (broken / "shards").iterdir():
+        with h5py.File(shard / "features.h5", "r+") as h5:
+            h5["frames"][0] = float("nan")
+    res = run_cli(*train_args(broken, tmp_path / "run", "--epochs", "2"))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "training stopped: loss is nan" in res.stderr and "no checkpoint was written" in res.stderr
+
+
+def test_eval_of_a_dead_run_reports_zero_not_a_perfect_score(synthetic_features, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(*train_args(synthetic_features, run, "--epochs", "1")).returncode == 0
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / name, weights_only=True)
+        ckpt["model"]["pool.linear.weight"].fill_(float("nan"))
+        torch.save(ckpt, run / name)
+    out_json = tmp_path / "m.json"
+    res = run_cli("eval", "--features", str(synthetic_features), "--run", str(run), "--device", "cpu",
+                  "--json", str(out_json))
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out_json.read_text())
+    assert report["t2v"]["R1"] == 0.0 and report["v2t"]["R1"] == 0.0
+    assert report["non_finite_own_scores"] == report["queries"]["t2v"] and "WARNING" in res.stdout
+    assert report["v2t_protocol"] == "group"

@@ -41,14 +41,19 @@ def load_run(run: Path, store: FeatureStore, device: str = "cpu"):
 
 
 def evaluate(features: Path, run: Path | None, split: str = "test", dsl: bool = False, device: str = "cpu",
-             chunk: int = 256, max_frames: int | None = None, max_words: int | None = None) -> dict:
-    """Metrics of `run` (or plain CLIP meanP without one) on `split`; writes ranks and JSON into the run."""
+             chunk: int = 256, max_frames: int | None = None, max_words: int | None = None,
+             v2t_protocol: str = "group") -> dict:
+    """Metrics of `run` (or CLIP zero-shot without one) on `split`; writes ranks and JSON into the run.
+
+    Zero-shot is CLIP4Clip's meanP without training: each projected frame L2-normalised, averaged over
+    the frames, normalised again, against the normalised text feature (the 31.1 R@1 row on MSR-VTT 1k-A).
+    """
     store = FeatureStore(features)
     if run is not None:
         model, cfg, ckpt = load_run(run, store, device)
         max_frames = max_frames or cfg.head.max_frames
         max_words = max_words or cfg.max_words
-    else:  # zero-shot CLIP: mean of projected frames against the text feature
+    else:
         model, ckpt = build_head(HeadConfig(variant="meanp"), store).to(device), None
         max_frames, max_words = max_frames or 12, max_words or 32
     captions = store.split_captions(split)
@@ -56,14 +61,17 @@ def evaluate(features: Path, run: Path | None, split: str = "test", dsl: bool = 
         raise EvalError(f"{features}: split '{split}' has no usable captions; splits found: {store.splits()}")
     data = EvalData(store, captions, max_frames, max_words, chunk)
     result = rank_all(model, data.texts(), data.text_to_video, data.video_chunks(), len(data.videos),
-                      text_chunk=chunk, device=device, dsl=dsl)
+                      text_chunk=chunk, device=device, dsl=dsl, v2t_protocol=v2t_protocol)
     report = {
         "split": split, "dsl": dsl, "run": str(run) if run else None, "checkpoint": str(ckpt) if ckpt else None,
         "features": str(features), "model": store.info.model, "pretrained": store.info.pretrained,
+        "v2t_protocol": v2t_protocol,
+        "non_finite_own_scores": result.non_finite,
         "t2v": {k: round(float(v), 4) for k, v in result.t2v.items() if k != "n"},
         "v2t": {k: round(float(v), 4) for k, v in result.v2t.items() if k != "n"},
         "queries": {"t2v": len(captions), "v2t": len(data.videos)},
-        "candidates": {"t2v": len(data.videos), "v2t": len(captions)},
+        "candidates": {"t2v": len(data.videos),
+                       "v2t": len(data.videos) if v2t_protocol == "group" else len(captions)},
     }
     if run is not None:
         suffix = f"{split}{'_dsl' if dsl else ''}"
@@ -95,4 +103,10 @@ def format_table(report: dict) -> str:
     for side in ("t2v", "v2t"):
         m = report[side]
         lines.append(f"{side:6}{m['R1']:8.1f}{m['R5']:8.1f}{m['R10']:8.1f}{m['MdR']:8.1f}{m['MnR']:8.1f}")
+    lines.append(f"v2t protocol: {report['v2t_protocol']} "
+                 + ("(each video's caption group ranked among all groups)" if report["v2t_protocol"] == "group"
+                    else "(best own caption ranked among all captions)"))
+    if report.get("non_finite_own_scores"):
+        lines.append(f"WARNING: {report['non_finite_own_scores']} caption(s) scored NaN or inf with their own "
+                     "video and were ranked last: the model is broken (check its training log)")
     return "\n".join(lines)

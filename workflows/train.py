@@ -16,6 +16,7 @@ from heads.evaluate import rank_all
 from heads.model import RetrievalHead
 from heads.trainer import TrainConfig, fit
 from pipeline.read import FeatureStore
+from pipeline.schema import CLIP_BLOCKS_FILE
 
 from .data import EvalData, TrainData
 
@@ -52,7 +53,23 @@ class RunConfig:
 
 
 def build_head(cfg: HeadConfig, store: FeatureStore) -> RetrievalHead:
-    return RetrievalHead(cfg, torch.from_numpy(store.image_proj), torch.from_numpy(store.text_proj))
+    """A fresh head on the store's projections; with temporal_init "clip" the temporal encoder starts from
+    CLIP's first text blocks (and takes their head count and activation into cfg, which is saved)."""
+    blocks = None
+    if cfg.temporal and cfg.temporal_init == "clip":
+        found = store.clip_blocks()
+        if found is None:
+            raise ValueError(f"{store.root} has no {CLIP_BLOCKS_FILE} (extracted by an older version): rerun "
+                             f"`python cli.py extract VIDEOS --out {store.root}` with the same options (it skips "
+                             "every finished shard and writes the file), or pass --temporal-init random")
+        blocks, info = found
+        if info["width"] != store.info.embed_dim:
+            raise ValueError(f"{store.info.model}: CLIP's text blocks are {info['width']} wide but the joint "
+                             f"embedding is {store.info.embed_dim}, so they cannot start the temporal encoder; "
+                             "pass --temporal-init random")
+        cfg.temporal_heads, cfg.temporal_activation = int(info["heads"]), str(info["activation"])
+    return RetrievalHead(cfg, torch.from_numpy(store.image_proj), torch.from_numpy(store.text_proj),
+                         clip_blocks=blocks)
 
 
 def draw_curves(history: list[dict], path: Path) -> None:
