@@ -253,15 +253,86 @@ def make_synthetic_cmd(
     out: Path = typer.Argument(..., help="Folder for the videos and captions.jsonl."),
     videos: int = typer.Option(200, min=4, help="Number of videos."),
     seed: int = typer.Option(0),
+    partial_captions: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of captions (every split) "
+                                           "that name only one event of the clip (aimed at S4 pooling)."),
+    wordy_captions: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of captions buried in filler "
+                                         "words (aimed at S3 keywords; train with --max-words 77)."),
+    distractor_seconds: float = typer.Option(0.0, min=0.0, help="Seconds of unmentioned clutter per clip, "
+                                             "between or around the events (aimed at S2 frame weights)."),
 ):
     """Write a synthetic text-video set (real mp4 files, captions, train/val/test, time-reversed twins)."""
-    from pipeline.synthetic import make_synthetic
+    from pipeline.synthetic import SyntheticSettings, make_synthetic
 
-    info = make_synthetic(out, videos, seed)
+    settings = SyntheticSettings(partial_captions=partial_captions, wordy_captions=wordy_captions,
+                                 distractor_s=distractor_seconds)
+    info = make_synthetic(out, videos, seed, settings=settings)
+    knobs = info["settings"]
     typer.echo(f"wrote {info['n_videos']} videos to {out}: splits {info['splits']}, "
-               f"{len(info['twins'])} time-reversed twin pairs; captions in {info['captions_file']}")
+               f"{len(info['twins'])} time-reversed twin pairs; captions in {info['captions_file']}; "
+               f"knobs: partial captions {knobs['partial_captions']:g}, wordy captions "
+               f"{knobs['wordy_captions']:g}, distractors {knobs['distractor_s']:g} s")
 
 
+@app.command()
+def ablate(
+    features: Path = typer.Option(Path("features"), help="Output folder of `extract`."),
+    out: Path = typer.Option(Path("runs/ablate"), help="Folder for the runs (OUT/runs/ROW-seedS) and the tables."),
+    seeds: int = typer.Option(3, min=1, help="Seeds 0..N-1; every row runs once per seed."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Budget: ceil(STEPS / steps per epoch) epochs for "
+                                        "every run. Default: train-heads' (>= 10 epochs, >= 1000 steps)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Budget: this many epochs for every run (not with --steps)."),
+    preset: str = typer.Option("all", help="Rows: modules (full and each module off) | baselines (full, "
+                               "seqtransf, meanp) | all."),
+    grid: Optional[Path] = typer.Option(None, help="YAML/JSON mapping row name -> HeadConfig/TrainConfig "
+                                        'overrides, e.g. {"lr 1e-4": {"lr": 1e-4}}; adds or replaces rows.'),
+    only: Optional[list[str]] = typer.Option(None, help="Run only this row (repeat for several)."),
+    split: str = typer.Option("test", help="Split every run is evaluated on."),
+    batch_size: int = typer.Option(128, min=2, help="Captions per step, the same for every row."),
+    lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate, unless a row sets its own."),
+    unfreeze_proj: bool = typer.Option(False, help="Fine-tune CLIP's projections in every row."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    amp: str = typer.Option("bf16", help="Mixed precision on CUDA: bf16 | fp16 | none (ignored on CPU)."),
+    cluster: str = typer.Option("local", help="local | slurm | none (in-process, one run after the other)."),
+    cluster_config: Optional[Path] = typer.Option(None, help="JSON/YAML options for --cluster slurm (as extract)."),
+    scheduler: Optional[str] = typer.Option(None, help="Join a running Dask scheduler (tcp://HOST:PORT)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Local Dask workers, one run each; default: one "
+                                          "per GPU on CUDA, else 1."),
+    verbose: bool = typer.Option(False),
+):
+    """Train and evaluate every row of an ablation table for several seeds; write OUT/table.md, .csv, .png.
+
+    A finished run is skipped on rerun, a killed one resumes, a failed one is a row of the table.
+    Exit code 1 only when every run failed."""
+    _setup_logging(verbose)
+    from heads.config import HeadConfig
+    from heads.trainer import TrainConfig
+    from pipeline.distributed import ClusterError, ClusterSpec
+    from pipeline.read import FeaturesError
+    from workflows.ablate import AblateConfig, AblateError, ablate as run_ablate, read_grid, select_rows
+    from workflows.ablate_table import format_table
+    from workflows.train import RunConfig
+
+    if cluster not in ("local", "slurm", "none"):
+        _fail(f"--cluster must be local, slurm or none, not '{cluster}'")
+    if steps and epochs:
+        _fail("give --steps or --epochs, not both")
+    dev = _device(device)
+    try:
+        rows = select_rows(preset, read_grid(grid) if grid else None, only)
+        base = RunConfig(features=str(features.resolve()), head=HeadConfig(unfreeze_proj=unfreeze_proj),
+                         train=TrainConfig(lr=lr, device=dev, amp=amp), batch_size=batch_size)
+        cfg = AblateConfig(base=base, out=str(out.resolve()), rows=rows, seeds=list(range(seeds)), steps=steps,
+                           epochs=epochs, split=split,
+                           cluster=ClusterSpec(cluster=cluster, workers=workers or _default_workers(dev),
+                                               scheduler=scheduler, device=dev,
+                                               cluster_config=str(cluster_config) if cluster_config else None))
+        summary = run_ablate(cfg)
+    except (AblateError, FeaturesError, ClusterError, ValueError) as e:
+        _fail(str(e))
+    typer.echo("\n" + format_table(summary))
+    typer.echo(f"table.md, table.csv, table.png, runs.csv and ablate.json in {out}")
+    if all(r["status"] == "failed" for r in summary["runs"]):
+        raise typer.Exit(1)
 
 
 @app.command()

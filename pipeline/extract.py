@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from . import schema as S
 from .captions import VIDEO_EXTENSIONS, Caption, Failure, VideoIndex, find_videos, read_captions
 from .config import ExtractConfig
-from .runner import ShardTask
+from .runner import ShardTask, run_shard
 from .write import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def extract(cfg: ExtractConfig, overwrite: bool = False, progress: bool = True) 
     """Run the whole job; returns the summary that is also written to OUT/summary.json."""
     from tqdm import tqdm
 
-    from .distributed import run_tasks
+    from .distributed import ClusterSpec, run_tasks
 
     out = cfg.out_path
     start = time.perf_counter()
@@ -228,7 +228,11 @@ def extract(cfg: ExtractConfig, overwrite: bool = False, progress: bool = True) 
 
         shard_summaries, shard_errors = [], []
         per_video = cfg.cluster == "none"
-        for task, result in run_tasks(todo, cfg, on_video=(lambda n: advance(1, n)) if per_video else None):
+        spec = ClusterSpec(cluster=cfg.cluster, workers=cfg.workers, scheduler=cfg.scheduler,
+                           cluster_config=cfg.cluster_config, device=cfg.clip.device)
+        on_video = {"on_video": (lambda n: advance(1, n))} if per_video else None
+        for task, result in run_tasks(run_shard, todo, spec, cfg, key=lambda t: f"shard-{t.index}",
+                                      local_kwargs=on_video):
             if isinstance(result, Exception):
                 shard_errors.append({"shard": task.index, "error": f"{type(result).__name__}: {result}"})
                 if not per_video:

@@ -62,3 +62,14 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path = ROOT) -> subprocess.Co
 def tiny_extract_args(videos: Path, out: Path, *extra: str) -> list[str]:
     return ["extract", str(videos), "--out", str(out), "--model", TINY_MODEL, "--pretrained", "none",
             "--quiet", "--batch-size", "16", *extra]
+
+
+@pytest.fixture(scope="session")
+def synthetic_features(tmp_path_factory) -> Path:
+    """A 30-video make-synthetic set (with time-reversed twins in test) extracted with the tiny CLIP."""
+    root = tmp_path_factory.mktemp("synthetic")
+    res = run_cli("make-synthetic", str(root / "videos"), "--videos", "30", "--seed", "0")
+    assert res.returncode == 0, res.stderr
+    res = run_cli(*tiny_extract_args(root / "videos", root / "features", "--cluster", "none"))
+    assert res.returncode == 0, res.stderr
+    return root / "features"
