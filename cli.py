@@ -289,6 +289,8 @@ def ablate(
     split: str = typer.Option("test", help="Split every run is evaluated on."),
     batch_size: int = typer.Option(128, min=2, help="Captions per step, the same for every row."),
     lr: float = typer.Option(1e-3, min=0.0, help="Peak learning rate, unless a row sets its own."),
+    max_frames: int = typer.Option(12, min=1, help="Frames per video, as train-heads."),
+    max_words: int = typer.Option(32, min=2, help="Word tokens per caption, as train-heads (77 for wordy captions)."),
     unfreeze_proj: bool = typer.Option(False, help="Fine-tune CLIP's projections in every row."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     amp: str = typer.Option("bf16", help="Mixed precision on CUDA: bf16 | fp16 | none (ignored on CPU)."),
@@ -319,8 +321,9 @@ def ablate(
     dev = _device(device)
     try:
         rows = select_rows(preset, read_grid(grid) if grid else None, only)
-        base = RunConfig(features=str(features.resolve()), head=HeadConfig(unfreeze_proj=unfreeze_proj),
-                         train=TrainConfig(lr=lr, device=dev, amp=amp), batch_size=batch_size)
+        base = RunConfig(features=str(features.resolve()),
+                         head=HeadConfig(unfreeze_proj=unfreeze_proj, max_frames=max_frames),
+                         train=TrainConfig(lr=lr, device=dev, amp=amp), batch_size=batch_size, max_words=max_words)
         cfg = AblateConfig(base=base, out=str(out.resolve()), rows=rows, seeds=list(range(seeds)), steps=steps,
                            epochs=epochs, split=split,
                            cluster=ClusterSpec(cluster=cluster, workers=workers or _default_workers(dev),

@@ -83,10 +83,13 @@ class TrainData:
     seed: int
     pin_memory: bool = False
 
+    preload_bytes: int = 4 << 30  # read the shards into memory when their arrays fit (FeatureStore.preload)
+
     def __post_init__(self):
         if not self.captions:
             raise ValueError("no training captions")
         self.videos = self.store.caption_video(self.captions)
+        self.in_memory = self.store.preload(self.preload_bytes)
 
     def plan(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # data order depends on (seed, epoch) only
