@@ -33,6 +33,9 @@ class TrainConfig:
     device: str = "cpu"  # where the model and the batches go
     amp: str = "none"  # "none" | "bf16" | "fp16" autocast; ignored off CUDA
     log_every: int = 50  # steps between log lines
+    checkpoint_every: float = 30.0  # seconds: last.pt after an epoch only once this long has passed since the
+    # last one (and always after the final epoch); small sets run hundreds of sub-second epochs, and a
+    # checkpoint with its optimiser state costs more than such an epoch. 0: after every epoch.
 
     def __post_init__(self):
         if self.amp not in ("none", "bf16", "fp16"):
@@ -85,7 +88,8 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
 
     train_batches(epoch): batches of the model's input dict for that epoch, deterministic in epoch; at most
     steps_per_epoch are taken. validate(model) -> metrics dict; best.pt tracks its "t2v_R1" (or "R1").
-    Each epoch writes run_dir/last.pt before on_epoch_end(record) is called; resume=True continues from it.
+    last.pt is written after an epoch when cfg.checkpoint_every seconds have passed since the last one, and
+    after the final epoch, before on_epoch_end(record) is called; resume=True continues from it.
     data_wait_share: the fraction of the epoch's training time spent waiting for the next batch.
     """
     run_dir = Path(run_dir)
@@ -101,6 +105,7 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
     params = [p for p in model.parameters() if p.requires_grad]
 
     start_epoch, step, best, history = 0, 0, -math.inf, []
+    saved_epochs, last_saved = 0, time.perf_counter()  # epochs in last.pt, and when it was written
     if resume:
         ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
@@ -108,6 +113,7 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, best, history = ckpt["epochs_done"], ckpt["step"], ckpt["best_metric"], ckpt["history"]
+        saved_epochs = start_epoch
         torch.set_rng_state(ckpt["rng_cpu"])
         if ckpt["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
@@ -131,7 +137,7 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
             # one host sync per step (microseconds against a step's milliseconds): a NaN must stop the run
             # before the optimiser writes it into the weights, and last.pt must stay the last good epoch
             if not torch.isfinite(loss).item():
-                raise NonFiniteLoss(_non_finite_message("loss", loss.item(), epoch, step, run_dir))
+                raise NonFiniteLoss(_non_finite_message("loss", loss.item(), epoch, step, run_dir, saved_epochs))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -139,7 +145,8 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
             # fp16 loss scaling overflows on purpose now and then (the scaler skips that step); anything else
             # non-finite is a fault
             if not scaler.is_enabled() and not torch.isfinite(norm).item():
-                raise NonFiniteLoss(_non_finite_message("gradient norm", norm.item(), epoch, step, run_dir))
+                raise NonFiniteLoss(_non_finite_message("gradient norm", norm.item(), epoch, step, run_dir,
+                                                         saved_epochs))
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -166,7 +173,9 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "head_config": model.cfg.to_dict(), "train_config": asdict(cfg)}
-        _save(ckpt, run_dir / "last.pt")
+        if epoch + 1 == cfg.epochs or time.perf_counter() - last_saved >= cfg.checkpoint_every:
+            _save(ckpt, run_dir / "last.pt")
+            saved_epochs, last_saved = epoch + 1, time.perf_counter()
         if is_best:
             _save(ckpt, run_dir / "best.pt")
         log.debug("epoch %d done: %s", epoch, record)
@@ -175,9 +184,9 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
     return history
 
 
-def _non_finite_message(what: str, value: float, epoch: int, step: int, run_dir: Path) -> str:
-    kept = (f"{run_dir / 'last.pt'} holds the weights after epoch {epoch} (the last finished one)"
-            if epoch > 0 else "no checkpoint was written (it failed in the first epoch)")
+def _non_finite_message(what: str, value: float, epoch: int, step: int, run_dir: Path, saved_epochs: int) -> str:
+    kept = (f"{run_dir / 'last.pt'} holds the weights after epoch {saved_epochs} (the last one saved)"
+            if saved_epochs > 0 else "no checkpoint was written before it")
     return (f"training stopped: {what} is {value} at epoch {epoch + 1}, step {step + 1}; {kept}. "
             "Try a lower --lr, a longer warm-up, or --amp none")
 

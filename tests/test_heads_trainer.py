@@ -50,7 +50,7 @@ def test_full_model_overfits_a_tiny_set(tmp_path):
 
 def test_resume_ends_with_the_weights_of_an_unbroken_run(tmp_path):
     data = pairs(n=12, seed=1)
-    cfg = TrainConfig(epochs=3, lr=1e-3, seed=7, log_every=1000)  # dropout 0.1: the RNG state matters
+    cfg = TrainConfig(epochs=3, lr=1e-3, seed=7, log_every=1000, checkpoint_every=0)  # dropout: RNG state matters
 
     unbroken = make_model(seed=5)
     fit(unbroken, shuffled_batches(data, 4), 3, cfg, tmp_path / "a")
@@ -92,7 +92,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     from heads.trainer import NonFiniteLoss
     data = pairs()
     model = make_model()
-    cfg = TrainConfig(epochs=4, lr=1e-3, log_every=1000)
+    cfg = TrainConfig(epochs=4, lr=1e-3, log_every=1000, checkpoint_every=0)
 
     def poisoned(epoch):
         for batch in shuffled_batches(data, 16)(epoch):
@@ -100,7 +100,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
                 batch = {**batch, "frames": batch["frames"] * float("nan")}
             yield batch
 
-    with pytest.raises(NonFiniteLoss, match="epoch 3, step 3.*last.pt holds the weights after epoch 2"):
+    with pytest.raises(NonFiniteLoss, match="epoch 3, step 3.*last.pt holds the weights after epoch 2 "):
         fit(model, poisoned, 1, cfg, tmp_path)
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epochs_done"] == 2
@@ -113,3 +113,18 @@ def test_a_nan_validation_metric_never_becomes_best(tmp_path):
     fit(make_model(), shuffled_batches(data, 16), 1, TrainConfig(epochs=3, log_every=1000), tmp_path,
         validate=lambda model: next(metrics))
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epochs_done"] == 1
+
+
+def test_checkpoints_are_throttled_but_the_final_epoch_is_always_saved(tmp_path):
+    data = pairs()
+    saves = []
+    import heads.trainer as trainer
+    real = trainer._save
+    trainer._save = lambda obj, path: saves.append((path.name, obj["epochs_done"])) or real(obj, path)
+    try:
+        fit(make_model(), shuffled_batches(data, 16), 1, TrainConfig(epochs=5, log_every=1000, checkpoint_every=3600),
+            tmp_path)
+    finally:
+        trainer._save = real
+    assert saves == [("last.pt", 5)]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epochs_done"] == 5

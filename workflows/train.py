@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+CURVES_EVERY = 30.0  # seconds between redraws of curves.png during training (always after the last epoch)
 
 
 @dataclass
@@ -151,10 +153,14 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, min_steps: int = 1000
     (out / RUN_CONFIG).write_text(json.dumps(info, indent=2))
     log.info("training %s: %s", out, info)
 
+    drawn = [-math.inf]  # when curves.png was last drawn: a figure costs more than a short epoch
+
     def on_epoch_end(record: dict) -> None:
         history.append(record)
         _write_metrics(history, out / METRICS)
-        draw_curves(history, out / CURVES)
+        if record["epoch"] + 1 == cfg.train.epochs or time.perf_counter() - drawn[0] >= CURVES_EVERY:
+            draw_curves(history, out / CURVES)
+            drawn[0] = time.perf_counter()
         val_text = f"  val t2v R@1 {record['t2v_R1']:.1f}" if "t2v_R1" in record else ""
         print(f"epoch {record['epoch'] + 1}/{cfg.train.epochs}  loss {record['loss']:.4f}{val_text}  "
               f"{record['seconds']:.1f} s  data wait {100 * record['data_wait_share']:.1f}%", flush=True)
