@@ -12,6 +12,7 @@ import csv
 import inspect
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -289,14 +290,33 @@ MSRVTT_TRAIN = {"9k": "MSRVTT_train.9k.csv", "7k": "MSRVTT_train.7k.csv"}
 
 
 def read_msrvtt(annotations: list[Path] | Path, train_split: str = "9k") -> Collected:
-    """Train: every caption of the 9k (or 7k) videos; test: the 1k-A captions; no val."""
+    """Train: every caption of the 9k (or 7k) videos; test: the 1k-A captions; no val.
+
+    With `MSRVTT_JSFUSION_test.csv` alone (no `MSRVTT_data.json`, no training list: the usual
+    zero-shot download), only the 1k-A test split is written, and a note says so.
+    """
     if train_split not in MSRVTT_TRAIN:
         choices = list(MSRVTT_TRAIN)
         raise ValueError(f"msrvtt: train_split must be one of {choices}, got {train_split!r}")
-    files = locate(annotations, [MSRVTT_DATA, MSRVTT_TRAIN[train_split], MSRVTT_TEST])
-    captions = _msrvtt_captions(files[MSRVTT_DATA])
+    train_name = MSRVTT_TRAIN[train_split]
+    files = locate(annotations, [MSRVTT_TEST], [MSRVTT_DATA, *MSRVTT_TRAIN.values()])
     out = Collected()
-    train_file = files[MSRVTT_TRAIN[train_split]]
+    training_files = [n for n in (MSRVTT_DATA, *MSRVTT_TRAIN.values()) if n in files]
+    if not training_files:
+        _msrvtt_test(files[MSRVTT_TEST], out)
+        out.notes.append(
+            f"only {MSRVTT_TEST} was given (no {MSRVTT_DATA}, no MSRVTT_train.*.csv): the 1k-A "
+            "test split alone; there is no training split, so only zero-shot evaluation applies "
+            "(`eval` without `--run`); `train-heads` has nothing to train on"
+        )
+        out.notes.append("test is the 1k-A split (JSFusion), one caption per video")
+        out.notes.append("val is empty: the standard MSR-VTT protocol has no validation split")
+        out.notes.extend(_count_notes(out.records, {"test": 1000}))
+        return out
+    if MSRVTT_DATA not in files or train_name not in files:
+        _msrvtt_incomplete(annotations, files, train_split)
+    captions = _msrvtt_captions(files[MSRVTT_DATA])
+    train_file = files[train_name]
     for line, row in _read_csv_columns(train_file, ["video_id"]):
         video = row["video_id"].strip()
         if video not in captions:
@@ -313,6 +333,26 @@ def read_msrvtt(annotations: list[Path] | Path, train_split: str = "9k") -> Coll
     expected = {"train": 9000, "test": 1000} if train_split == "9k" else {"test": 1000}
     out.notes.extend(_count_notes(out.records, expected))
     return out
+
+
+def _msrvtt_incomplete(
+    annotations: list[Path] | Path, files: dict[str, Path], train_split: str
+) -> None:
+    """Some training files but not the pair a training split needs: say which one is missing."""
+    train_name = MSRVTT_TRAIN[train_split]
+    missing = [n for n in (MSRVTT_DATA, train_name) if n not in files]
+    found = sorted(n for n in files if n != MSRVTT_TEST)
+    where = ", ".join(str(p) for p in _as_paths(annotations))
+    hint = ""
+    other = next((s for s, n in MSRVTT_TRAIN.items() if s != train_split and n in files), None)
+    if train_name in missing and other is not None:
+        hint = f"; {MSRVTT_TRAIN[other]} is there: use train_split='{other}' "
+        hint += f"(--train-split {other})"
+    raise AnnotationError(
+        f"msrvtt: missing annotation file(s) {missing}; looked in {where}; found {found}. "
+        f"A training split needs {MSRVTT_DATA} and {train_name}; for the 1k-A test split alone "
+        f"give only {MSRVTT_TEST}{hint}"
+    )
 
 
 def _msrvtt_captions(path: Path) -> dict[str, list[str]]:
@@ -349,26 +389,87 @@ def _count_notes(records: list[Record], expected: dict[str, int]) -> list[str]:
 # MSVD
 
 
-MSVD_CAPTIONS = "AllVideoDescriptions.txt"
+MSVD_XPOOL = "captions_msvd.json"  # X-Pool: {video id: [caption, ...]}
+MSVD_PICKLE = "raw-captions.pkl"  # CLIP4Clip: {video id: [[token, ...], ...]}
+MSVD_TEXT = "AllVideoDescriptions.txt"  # the text release: lines "videoid caption"
+MSVD_CAPTION_FILES = (MSVD_XPOOL, MSVD_PICKLE, MSVD_TEXT)  # the first found is read
 MSVD_LISTS = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
+MSVD_STANDARD = {"train": 1200, "val": 100, "test": 670}
+MSVD_PUBLISHER = {MSVD_XPOOL: "X-Pool", MSVD_PICKLE: "CLIP4Clip", MSVD_TEXT: "text release"}
 
 
 def read_msvd(annotations: list[Path] | Path) -> Collected:
-    """Every caption of every video in the 1200/100/670 lists (multi-caption protocol)."""
-    files = locate(annotations, [MSVD_CAPTIONS, *MSVD_LISTS.values()])
+    """Every caption of every video in the 1200/100/670 lists (multi-caption protocol).
+
+    Captions from X-Pool's `captions_msvd.json`, CLIP4Clip's `raw-captions.pkl` (token lists,
+    joined with spaces; read without running code) or `AllVideoDescriptions.txt`, whichever
+    is there; `train_list.txt` and `test_list.txt` are required, `val_list.txt` optional.
+    """
+    required = [MSVD_LISTS["train"], MSVD_LISTS["test"]]
+    files = locate(annotations, required, [MSVD_LISTS["val"], *MSVD_CAPTION_FILES])
+    caption_file = _msvd_caption_file(annotations, files)
     out = Collected()
-    captions = _msvd_captions(files[MSVD_CAPTIONS], out)
+    readers = {MSVD_XPOOL: _msvd_json_captions, MSVD_PICKLE: _msvd_pickle_captions}
+    captions = readers.get(caption_file.name, _msvd_captions)(caption_file, out)
+    out.notes.append(f"captions from {caption_file.name} ({MSVD_PUBLISHER[caption_file.name]})")
+    if caption_file.name == MSVD_PICKLE:
+        out.notes.append("token lists joined with spaces, as CLIP4Clip does")
+    ignored = [n for n in MSVD_CAPTION_FILES if n in files and files[n] != caption_file]
+    if ignored:
+        out.notes.append(
+            f"also found {ignored}, not read; pass the caption file you want explicitly"
+        )
     for split, name in MSVD_LISTS.items():
-        for line, video in _id_lines(files[name]):
-            if video not in captions:
-                why = f"video {video!r} has no captions in {MSVD_CAPTIONS}"
-                out.skipped.append(Skipped(str(files[name]), line, why))
-                continue
-            source = str(files[name])
-            out.records.extend(Record(video, c, split, source, line) for c in captions[video])
-    out.notes.append("every caption is a query (multi-caption protocol); standard 1200/100/670")
-    out.notes.extend(_count_notes(out.records, {"train": 1200, "val": 100, "test": 670}))
+        if name not in files:
+            out.notes.append(f"WARNING: no {name}, so val is empty (X-Pool reads no val list)")
+            continue
+        _msvd_split(files[name], split, captions, caption_file.name, out)
+    out.notes.append("every caption is a query (multi-caption protocol)")
+    sizes = [len({r.video for r in out.records if r.split == s}) for s in MSVD_LISTS]
+    standard = "/".join(str(n) for n in MSVD_STANDARD.values())
+    out.notes.append(
+        "split sizes (videos) train/val/test: " + "/".join(map(str, sizes))
+        + f" (the standard split is {standard})"
+    )
+    present = {s: n for s, n in MSVD_STANDARD.items() if MSVD_LISTS[s] in files}
+    out.notes.extend(_count_notes(out.records, present))
     return out
+
+
+def _msvd_caption_file(annotations: list[Path] | Path, files: dict[str, Path]) -> Path:
+    """The caption file given explicitly, else the first of MSVD_CAPTION_FILES found."""
+    explicit = [p for p in _as_paths(annotations) if p.name in MSVD_CAPTION_FILES]
+    if len(explicit) > 1:
+        names = [p.name for p in explicit]
+        raise AnnotationError(f"msvd: several caption files given {names}; give one")
+    if explicit:
+        return explicit[0]
+    for name in MSVD_CAPTION_FILES:
+        if name in files:
+            return files[name]
+    where = ", ".join(str(p) for p in _as_paths(annotations))
+    raise AnnotationError(
+        f"msvd: no caption file in {where}; expected one of {list(MSVD_CAPTION_FILES)} "
+        "(X-Pool, CLIP4Clip, text release) beside the list files"
+    )
+
+
+def _msvd_split(
+    path: Path, split: str, captions: dict[str, list[str]], source: str, out: Collected
+) -> None:
+    unknown = []
+    for line, video in _id_lines(path):
+        if video not in captions:
+            unknown.append(video)
+            why = f"video {video!r} has no captions in {source}"
+            out.skipped.append(Skipped(str(path), line, why))
+            continue
+        out.records.extend(Record(video, c, split, str(path), line) for c in captions[video])
+    if unknown:
+        out.notes.append(
+            f"WARNING: {len(unknown)} video(s) listed in {path.name} have no captions in "
+            f"{source} and were skipped, e.g. {unknown[:5]}"
+        )
 
 
 def _msvd_captions(path: Path, out: Collected) -> dict[str, list[str]]:
@@ -385,10 +486,125 @@ def _msvd_captions(path: Path, out: Collected) -> dict[str, list[str]]:
     return captions
 
 
+def _msvd_json_captions(path: Path, out: Collected) -> dict[str, list[str]]:
+    """X-Pool's captions_msvd.json: an object mapping each video id to a list of captions."""
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise AnnotationError(
+            f"{path}: top level: expected an object mapping video id to a list of captions, "
+            f"got {type(data).__name__}"
+        )
+    captions: dict[str, list[str]] = {}
+    for video, items in data.items():
+        where = f"video {video!r}"
+        for k, text in enumerate(_need_list(items, path, where)):
+            if not isinstance(text, str):
+                raise AnnotationError(
+                    f"{path}: {where} caption {k}: expected a string, got {type(text).__name__}"
+                )
+            _add_caption(captions, str(video), _clean(text), path, f"{where} caption {k}", out)
+    return captions
+
+
+def _msvd_pickle_captions(path: Path, out: Collected) -> dict[str, list[str]]:
+    """CLIP4Clip's raw-captions.pkl: {video id: [[token, ...], ...]}, tokens joined by spaces."""
+    data = load_plain_pickle(path)
+    if not isinstance(data, dict):
+        raise AnnotationError(
+            f"{path}: top level: expected a dict of video id -> list of token lists, "
+            f"got {type(data).__name__}"
+        )
+    captions: dict[str, list[str]] = {}
+    for video, items in data.items():
+        if not isinstance(video, str):
+            raise AnnotationError(f"{path}: key {video!r}: expected a video id string")
+        where = f"video {video!r}"
+        if not isinstance(items, (list, tuple)):
+            raise AnnotationError(
+                f"{path}: {where}: expected a list of captions, got {type(items).__name__}"
+            )
+        for k, cap in enumerate(items):
+            text = _joined_tokens(cap, path, f"{where} caption {k}")
+            _add_caption(captions, video, text, path, f"{where} caption {k}", out)
+    return captions
+
+
+def _joined_tokens(cap: Any, path: Path, where: str) -> str:
+    # CLIP4Clip: " ".join(cap). A caption already joined into one string is taken as it is.
+    if isinstance(cap, str):
+        return _clean(cap)
+    if not isinstance(cap, (list, tuple)):
+        raise AnnotationError(
+            f"{path}: {where}: expected a list of tokens, got {type(cap).__name__}"
+        )
+    bad = next((t for t in cap if not _is_plain_token(t)), None)
+    if bad is not None:
+        raise AnnotationError(
+            f"{path}: {where}: expected string tokens, got {type(bad).__name__}"
+        )
+    return _clean(" ".join(str(t) for t in cap))
+
+
+def _is_plain_token(token: Any) -> bool:
+    return isinstance(token, str) or (
+        isinstance(token, (int, float)) and not isinstance(token, bool)
+    )
+
+
+def _add_caption(
+    captions: dict[str, list[str]], video: str, text: str, path: Path, where: str, out: Collected
+) -> None:
+    if text:
+        captions.setdefault(video, []).append(text)
+    else:
+        out.skipped.append(Skipped(str(path), None, f"{where}: empty caption"))
+
+
 def _id_lines(path: Path) -> list[tuple[int, str]]:
     lines = enumerate(_read_text(path).splitlines(), start=1)
     kept = [(n, t.strip()) for n, t in lines if t.strip() and not t.startswith("#")]
     return [(n, _strip_video_suffix(t)) for n, t in kept]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickles without code
+
+
+class _GlobalRefused(pickle.UnpicklingError):
+    pass
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: every global (class, function) is refused, so nothing runs.
+
+    Dicts, lists, tuples, strings, bytes, numbers, booleans and None have their own opcodes;
+    anything else (an object, a function call via REDUCE) needs a global and stops here.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise _GlobalRefused(f"it names the global {module}.{name} (a class or function)")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _GlobalRefused(f"it holds the persistent id {pid!r}")
+
+
+def load_plain_pickle(path: Path) -> Any:
+    """Read a pickle that may hold only plain data; anything that would run code is refused."""
+    try:
+        with path.open("rb") as f:
+            # encoding: Python 2 `str` objects, if the file was written by Python 2.
+            return _PlainUnpickler(f, encoding="utf-8").load()
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: file not found") from None
+    except _GlobalRefused as e:
+        raise AnnotationError(
+            f"{path}: refused to unpickle: {e}, and loading that could run code; "
+            f"{path.name} may hold only dicts, lists, tuples, strings and numbers"
+        ) from None
+    except Exception as e:  # a truncated or foreign file: UnpicklingError, EOFError, ...
+        raise AnnotationError(
+            f"{path}: not a readable pickle ({type(e).__name__}: {e})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import pickle
+import shlex
 from pathlib import Path
 
 import pytest
 
 from pipeline.adapters import DATASETS, AnnotationError, prepare
+
+from tests.conftest import run_cli
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -100,6 +105,36 @@ def test_missing_csv_column_names_it(msrvtt_dir: Path, tmp_path: Path) -> None:
         prepare("msrvtt", msrvtt_dir, tmp_path / "out")
 
 
+def jsfusion_rows(n: int) -> list[list[str]]:
+    # As published: key, vid_key, video_id, sentence (e.g. "ret0,msr9770,video9770,a person ...").
+    return [[f"ret{i}", f"msr{7010 + i}", f"video{7010 + i}", f"a person does thing {i}"]
+            for i in range(n)]
+
+
+def test_msrvtt_jsfusion_csv_alone_is_test_only(tmp_path: Path) -> None:
+    d = tmp_path / "msrvtt_data"
+    d.mkdir()
+    rows = jsfusion_rows(1000)
+    rows[1][3] = "a man, smiling, sings"  # quoted by the csv writer, as pandas reads it
+    write_csv(d / "MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"], rows)
+    report = prepare("msrvtt", d, tmp_path / "zs.jsonl")
+    assert counts(report, "test") == (1000, 1000)
+    assert counts(report, "train") == (0, 0) and counts(report, "val") == (0, 0)
+    assert any("no training split" in n and "zero-shot" in n for n in report.notes)
+    assert not any(n.startswith("WARNING") for n in report.notes)
+    out = read_jsonl(report.path)
+    assert out[1] == {"video": "video7011", "caption": "a man, smiling, sings", "split": "test"}
+
+
+def test_msrvtt_json_without_training_list_names_it(msrvtt_dir: Path, tmp_path: Path) -> None:
+    (msrvtt_dir / "MSRVTT_train.9k.csv").unlink()
+    with pytest.raises(AnnotationError, match=r"MSRVTT_train\.9k\.csv.*train_split='7k'"):
+        prepare("msrvtt", msrvtt_dir, tmp_path / "out")
+    (msrvtt_dir / "MSRVTT_data.json").unlink()  # a training list without the captions
+    with pytest.raises(AnnotationError, match=r"missing.*MSRVTT_data\.json"):
+        prepare("msrvtt", msrvtt_dir, tmp_path / "out", train_split="7k")
+
+
 def test_unknown_option_and_dataset(msrvtt_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="train_split"):
         prepare("msrvtt", msrvtt_dir, tmp_path / "out", split="9k")
@@ -132,6 +167,205 @@ def test_msvd_all_captions_per_split(tmp_path: Path) -> None:
     reasons = [(Path(s.file).name, s.line) for s in report.skipped]
     assert ("AllVideoDescriptions.txt", 8) in reasons  # the id without a caption
     assert ("train_list.txt", 2) in reasons  # the listed video with no caption
+
+
+MSVD_LIST_NAMES = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
+
+
+def write_msvd_lists(d: Path, splits: dict[str, list[str]]) -> None:
+    # One video id per line, as CLIP4Clip and X-Pool publish them.
+    for split, videos in splits.items():
+        (d / MSVD_LIST_NAMES[split]).write_text("".join(v + "\n" for v in videos))
+
+
+MSVD_SMALL = {
+    "train": ["-4wsuPCjDBc_5_15", "-7KMZQEsJW4_205_208"],
+    "val": ["bQJQGoJF7_k_145_153"],
+    "test": ["zv2RIbUsnSw_159_167"],
+}
+
+
+def xpool_captions() -> dict[str, list[str]]:
+    # X-Pool's captions_msvd.json: video id -> list of caption strings.
+    return {
+        "-4wsuPCjDBc_5_15": ["a squirrel is eating a peanut in it s shell", "a chipmunk is eating"],
+        "-7KMZQEsJW4_205_208": ["a man rubs a sunflower"],
+        "bQJQGoJF7_k_145_153": ["a  woman   is slicing"],  # spacing as in the file
+        "zv2RIbUsnSw_159_167": ["a dog runs", "a puppy runs", "a dog is running"],
+        "not_in_any_list_0_1": ["ignored"],
+    }
+
+
+def clip4clip_captions() -> dict[str, list[list[str]]]:
+    # CLIP4Clip's raw-captions.pkl: video id -> list of captions, each a list of tokens.
+    return {v: [c.split() for c in caps] for v, caps in xpool_captions().items()}
+
+
+def evil_payload(marker: Path) -> bytes:
+    """A raw-captions.pkl look-alike whose unpickling runs a shell command that creates marker."""
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {shlex.quote(str(marker))}",))
+
+    return pickle.dumps({"-4wsuPCjDBc_5_15": [Payload()]}, protocol=2)
+
+
+def test_msvd_xpool_json_and_lists(tmp_path: Path) -> None:
+    write_json(tmp_path / "captions_msvd.json", xpool_captions())
+    write_msvd_lists(tmp_path, MSVD_SMALL)
+    report = prepare("msvd", tmp_path, tmp_path / "out")
+    assert counts(report, "train") == (2, 3)
+    assert counts(report, "val") == (1, 1) and counts(report, "test") == (1, 3)
+    rows = read_jsonl(report.path)
+    assert {"video": "bQJQGoJF7_k_145_153", "caption": "a woman is slicing", "split": "val"} in rows
+    assert any("captions_msvd.json (X-Pool)" in n for n in report.notes)
+    assert any("train/val/test: 2/1/1 (the standard split is 1200/100/670)" in n
+               for n in report.notes)
+    assert report.skipped == []
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_msvd_clip4clip_pickle_and_lists(tmp_path: Path, protocol: int) -> None:
+    (tmp_path / "raw-captions.pkl").write_bytes(pickle.dumps(clip4clip_captions(), protocol))
+    write_msvd_lists(tmp_path, MSVD_SMALL)
+    report = prepare("msvd", tmp_path, tmp_path / "out")
+    assert counts(report, "train") == (2, 3)
+    assert counts(report, "val") == (1, 1) and counts(report, "test") == (1, 3)
+    rows = read_jsonl(report.path)
+    caption = "a squirrel is eating a peanut in it s shell"  # tokens joined with spaces
+    assert rows[0] == {"video": "-4wsuPCjDBc_5_15", "caption": caption, "split": "train"}
+    assert any("raw-captions.pkl (CLIP4Clip)" in n for n in report.notes)
+
+
+def test_msvd_pickle_written_by_python2(tmp_path: Path) -> None:
+    # Protocol 2 as Python 2 writes str (SHORT_BINSTRING, UTF-8 bytes): {'vid': [['\xe9', 'cat']]}
+    data = b"\x80\x02}q\x00U\x03vidq\x01]q\x02]q\x03(U\x02\xc3\xa9q\x04U\x03catq\x05eas."
+    (tmp_path / "raw-captions.pkl").write_bytes(data)
+    write_msvd_lists(tmp_path, {"train": ["vid"], "val": [], "test": ["vid"]})
+    report = prepare("msvd", tmp_path, tmp_path / "out")
+    assert read_jsonl(report.path)[0] == {"video": "vid", "caption": "\u00e9 cat", "split": "train"}
+
+
+def test_msvd_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
+    control = tmp_path / "CONTROL_PWNED"
+    pickle.loads(evil_payload(control))  # the payload is live: a plain pickle.load runs it
+    assert control.exists()
+    marker = tmp_path / "PWNED"
+    (tmp_path / "raw-captions.pkl").write_bytes(evil_payload(marker))
+    write_msvd_lists(tmp_path, MSVD_SMALL)
+    with pytest.raises(AnnotationError, match=r"raw-captions\.pkl: refused to unpickle.*system"):
+        prepare("msvd", tmp_path, tmp_path / "out")
+    assert not marker.exists()
+    assert not (tmp_path / "out" / "captions.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (pickle.dumps({"v": [{"a", "set"}]}, protocol=4), "expected a list of tokens, got set"),
+        (pickle.dumps({"v": [[b"bytes"]]}, protocol=3), "expected string tokens, got bytes"),
+        (pickle.dumps([["a", "list"]]), "expected a dict of video id"),
+        (pickle.dumps({"v": "a caption"}), "expected a list of captions, got str"),
+        (b"not a pickle", "not a readable pickle"),
+        (pickle.dumps({"v": [["a"]]})[:-5], "not a readable pickle"),  # truncated
+    ],
+)
+def test_msvd_pickle_not_plain_captions(tmp_path: Path, content: bytes, message: str) -> None:
+    (tmp_path / "raw-captions.pkl").write_bytes(content)
+    write_msvd_lists(tmp_path, {"train": ["v"], "val": [], "test": ["v"]})
+    with pytest.raises(AnnotationError, match=r"raw-captions\.pkl.*" + message):
+        prepare("msvd", tmp_path, tmp_path / "out")
+
+
+def test_msvd_standard_split_sizes(tmp_path: Path) -> None:
+    sizes = {"train": 1200, "val": 100, "test": 670}
+    splits = {s: [f"vid{s}{i}_0_{i}" for i in range(n)] for s, n in sizes.items()}
+    captions = {v: [f"caption of {v}", f"another of {v}"] for vs in splits.values() for v in vs}
+    write_json(tmp_path / "captions_msvd.json", captions)
+    write_msvd_lists(tmp_path, splits)
+    report = prepare("msvd", tmp_path, tmp_path / "out")
+    assert [counts(report, s) for s in sizes] == [(1200, 2400), (100, 200), (670, 1340)]
+    assert any("train/val/test: 1200/100/670" in n for n in report.notes)
+    assert not any(n.startswith("WARNING") for n in report.notes)
+
+
+def test_msvd_missing_list_file_names_it(tmp_path: Path) -> None:
+    write_json(tmp_path / "captions_msvd.json", xpool_captions())
+    write_msvd_lists(tmp_path, {"train": MSVD_SMALL["train"], "val": MSVD_SMALL["val"]})
+    with pytest.raises(AnnotationError, match=r"missing annotation file\(s\) \['test_list\.txt'\]"):
+        prepare("msvd", tmp_path, tmp_path / "out")
+
+
+def test_msvd_without_val_list_has_empty_val(tmp_path: Path) -> None:
+    write_json(tmp_path / "captions_msvd.json", xpool_captions())
+    write_msvd_lists(tmp_path, {"train": MSVD_SMALL["train"], "test": MSVD_SMALL["test"]})
+    report = prepare("msvd", tmp_path, tmp_path / "out")
+    assert counts(report, "val") == (0, 0) and counts(report, "test") == (1, 3)
+    assert any("no val_list.txt" in n for n in report.notes)
+
+
+def test_msvd_no_caption_file_lists_accepted_names(tmp_path: Path) -> None:
+    write_msvd_lists(tmp_path, MSVD_SMALL)
+    with pytest.raises(AnnotationError, match=r"captions_msvd\.json.*raw-captions\.pkl"):
+        prepare("msvd", tmp_path, tmp_path / "out")
+
+
+def test_msvd_listed_video_without_captions(tmp_path: Path) -> None:
+    write_json(tmp_path / "captions_msvd.json", xpool_captions())
+    write_msvd_lists(tmp_path, {**MSVD_SMALL, "test": ["zv2RIbUsnSw_159_167", "missing_1_2"]})
+    report = prepare("msvd", tmp_path, tmp_path / "out")
+    assert counts(report, "test") == (1, 3)
+    assert [(Path(s.file).name, s.line) for s in report.skipped] == [("test_list.txt", 2)]
+    assert "no captions in captions_msvd.json" in report.skipped[0].reason
+    assert any(n.startswith("WARNING: 1 video(s) listed in test_list.txt") for n in report.notes)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"-4wsuPCjDBc_5_15": ["a cat",', "not valid JSON at line 1"),
+        ('[["-4wsuPCjDBc_5_15", "a cat"]]', "expected an object mapping video id"),
+        ('{"-4wsuPCjDBc_5_15": "a cat"}', "video '-4wsuPCjDBc_5_15'.*expected a list"),
+        ('{"-4wsuPCjDBc_5_15": ["a cat", 7]}', "caption 1: expected a string, got int"),
+    ],
+)
+def test_msvd_malformed_xpool_json(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "captions_msvd.json").write_text(text)
+    write_msvd_lists(tmp_path, MSVD_SMALL)
+    with pytest.raises(AnnotationError, match=r"captions_msvd\.json.*" + message):
+        prepare("msvd", tmp_path, tmp_path / "out")
+
+
+def test_msvd_several_caption_files(tmp_path: Path) -> None:
+    write_json(tmp_path / "captions_msvd.json", xpool_captions())
+    captions = {"-4wsuPCjDBc_5_15": [["pickled", "caption"]], "zv2RIbUsnSw_159_167": [["x"]]}
+    (tmp_path / "raw-captions.pkl").write_bytes(pickle.dumps(captions))
+    write_msvd_lists(tmp_path, {"train": ["-4wsuPCjDBc_5_15"], "test": ["zv2RIbUsnSw_159_167"]})
+    report = prepare("msvd", tmp_path, tmp_path / "a.jsonl")  # the folder: X-Pool's json first
+    assert counts(report, "train") == (1, 2)
+    assert any("also found ['raw-captions.pkl'], not read" in n for n in report.notes)
+    chosen = [tmp_path / "raw-captions.pkl", tmp_path]  # an explicit file wins
+    report = prepare("msvd", chosen, tmp_path / "b.jsonl")
+    assert read_jsonl(report.path)[0]["caption"] == "pickled caption"
+
+
+def test_msvd_cli_clip4clip_and_refused_pickle(tmp_path: Path) -> None:
+    d = tmp_path / "msvd_data"
+    d.mkdir()
+    (d / "raw-captions.pkl").write_bytes(pickle.dumps(clip4clip_captions()))
+    write_msvd_lists(d, MSVD_SMALL)
+    out = tmp_path / "captions.jsonl"
+    res = run_cli("prepare", "msvd", str(d), "--out", str(out), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "train/val/test: 2/1/1" in res.stdout and f"wrote {out}" in res.stdout
+    assert len(read_jsonl(out)) == 7
+    marker = tmp_path / "PWNED"
+    (d / "raw-captions.pkl").write_bytes(evil_payload(marker))
+    res = run_cli("prepare", "msvd", str(d), "--out", str(tmp_path / "evil.jsonl"), timeout=120)
+    assert res.returncode == 2
+    assert "raw-captions.pkl: refused to unpickle" in res.stderr
+    assert not marker.exists() and not (tmp_path / "evil.jsonl").exists()
 
 
 # --- DiDeMo ----------------------------------------------------------------------------------
