@@ -145,9 +145,16 @@ def train_heads(
     temporal_layers: int = typer.Option(4, min=1),
     temporal_init: str = typer.Option("clip", help="clip: start the temporal encoder from CLIP's first text "
                                       "blocks and positions (CLIP4Clip) | random."),
+    temporal_lr: Optional[float] = typer.Option(None, min=0.0, help="Peak learning rate of the temporal encoder "
+                                                "(default: --lr)."),
+    fusion: str = typer.Option("sum", help="How S5 joins the terms: sum (fine + coarse, the patent) | mean | "
+                               "weighted (a learnt convex mix)."),
+    loss_terms: str = typer.Option("fused", help="fused: InfoNCE on the joined score | each: also on the fine and "
+                                   "the coarse score alone (deep supervision)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    amp: str = typer.Option("bf16", help="Mixed precision on CUDA: bf16 | fp16 | none (ignored on CPU)."),
+    amp: str = typer.Option("none", help="Mixed precision on CUDA: none (fp32, the default: with bf16, 9 of 33 "
+                            "full-head runs on an H200 hit a NaN/inf gradient) | bf16 | fp16; ignored on CPU."),
     unfreeze_proj: bool = typer.Option(False, help="Fine-tune CLIP's image and text projections too."),
     no_video_enhance: bool = typer.Option(False, help="Ablation: no S2 LSTM / adaptive frame weights."),
     no_text_enhance: bool = typer.Option(False, help="Ablation: no S3 keyword-guided word features."),
@@ -175,9 +182,10 @@ def train_heads(
                           text_enhance=not no_text_enhance, interaction=not no_interaction,
                           fine=not coarse_only, coarse=not fine_only, max_frames=max_frames,
                           temporal_layers=temporal_layers, temporal_init=temporal_init, dropout=dropout,
-                          unfreeze_proj=unfreeze_proj)
+                          unfreeze_proj=unfreeze_proj, fusion=fusion, loss_terms=loss_terms)
         cfg = RunConfig(features=str(features.resolve()), head=head,
-                        train=TrainConfig(epochs=epochs or 0, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                        train=TrainConfig(epochs=epochs or 0, lr=lr, temporal_lr=temporal_lr,
+                                          weight_decay=weight_decay, warmup=warmup,
                                           seed=seed, device=dev, amp=amp),
                         batch_size=batch_size, max_words=max_words, val_split=val_split)
         train(cfg, out, resume=resume, min_steps=min_steps)
@@ -293,7 +301,8 @@ def ablate(
     max_words: int = typer.Option(32, min=2, help="Word tokens per caption, as train-heads (77 for wordy captions)."),
     unfreeze_proj: bool = typer.Option(False, help="Fine-tune CLIP's projections in every row."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    amp: str = typer.Option("bf16", help="Mixed precision on CUDA: bf16 | fp16 | none (ignored on CPU)."),
+    amp: str = typer.Option("none", help="Mixed precision on CUDA: none (fp32, the default: with bf16, 9 of 33 "
+                            "full-head runs on an H200 hit a NaN/inf gradient) | bf16 | fp16; ignored on CPU."),
     cluster: str = typer.Option("local", help="local | slurm | none (in-process, one run after the other)."),
     cluster_config: Optional[Path] = typer.Option(None, help="JSON/YAML options for --cluster slurm (as extract)."),
     scheduler: Optional[str] = typer.Option(None, help="Join a running Dask scheduler (tcp://HOST:PORT)."),

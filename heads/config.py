@@ -23,6 +23,8 @@ class HeadConfig:
     coarse: bool = True  # S5 coarse cos(t, v) term
     fusion: str = "sum"  # how S5 joins the terms: "sum" = fine + coarse (the patent), "mean" = (fine + coarse) / 2,
     # "weighted" = w_c * coarse + w_f * fine with (w_c, w_f) a learnt softmax, starting at (1/2, 1/2)
+    loss_terms: str = "fused"  # "fused": InfoNCE on the joined score; "each": the mean of that and of each
+    # term's own InfoNCE (deep supervision of both granularities)
     temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
     temporal_heads: int = 8  # attention heads of the temporal encoder and of the frame-weight self-attention
     temporal_init: str = "clip"  # "clip": start from CLIP's first text blocks and positions (CLIP4Clip); "random"
@@ -44,6 +46,8 @@ class HeadConfig:
             raise ValueError("at least one of fine / coarse must be on, or the head scores nothing")
         if self.fusion not in ("sum", "mean", "weighted"):
             raise ValueError(f"fusion must be 'sum', 'mean' or 'weighted', not {self.fusion!r}")
+        if self.loss_terms not in ("fused", "each"):
+            raise ValueError(f"loss_terms must be 'fused' or 'each', not {self.loss_terms!r}")
         if self.temporal_init not in ("clip", "random"):
             raise ValueError(f"temporal_init must be 'clip' or 'random', not {self.temporal_init!r}")
         if self.temporal_activation not in ("gelu", "quick_gelu"):

@@ -123,9 +123,17 @@ class RetrievalHead(nn.Module):
         return self._score(text, video, aligned=True)
 
     def _score(self, text: TextFeatures, video: VideoFeatures, aligned: bool) -> Tensor:
-        if not (self.cfg.coarse and self.cfg.fine):
-            return self._coarse(text, video, aligned) if self.cfg.coarse else self._fine(text, video, aligned)
-        coarse, fine = self._coarse(text, video, aligned), self._fine(text, video, aligned)
+        return self._fuse(*self._terms(text, video, aligned))
+
+    def _terms(self, text: TextFeatures, video: VideoFeatures, aligned: bool):
+        """(coarse, fine) scores; None for a term that is switched off."""
+        coarse = self._coarse(text, video, aligned) if self.cfg.coarse else None
+        fine = self._fine(text, video, aligned) if self.cfg.fine else None
+        return coarse, fine
+
+    def _fuse(self, coarse: Optional[Tensor], fine: Optional[Tensor]) -> Tensor:
+        if coarse is None or fine is None:
+            return coarse if fine is None else fine
         if self.cfg.fusion == "sum":
             return coarse + fine
         if self.cfg.fusion == "mean":
@@ -185,11 +193,16 @@ class RetrievalHead(nn.Module):
         """Symmetric InfoNCE over the B x B score matrix of a batch where text i matches video i."""
         text = self.encode_text(*(batch[k] for k in TEXT_KEYS))
         video = self.encode_video(*(batch[k] for k in VIDEO_KEYS))
-        s = self.score(text, video)  # (B, B)
+        coarse, fine = self._terms(text, video, aligned=False)  # (B, B) each, or None
+        s = self._fuse(coarse, fine)  # (B, B)
         # tau is kept <= its maximum in place after each optimiser step (clamp_logit_scale_, as open_clip
         # does): a clamp here would zero tau's gradient at the limit, where it starts
         scale = self.logit_scale.exp()
         loss = symmetric_infonce(s * scale)
+        if self.cfg.loss_terms == "each" and coarse is not None and fine is not None:
+            # deep supervision: each term must rank on its own too, so the one that fits the training set
+            # first (fine) does not leave the other without gradient once the fused loss is near zero
+            loss = (loss + symmetric_infonce(coarse * scale) + symmetric_infonce(fine * scale)) / 3
         return loss, {"loss": loss.detach(), "logit_scale": scale.detach(), "pos_score": s.diagonal().mean().detach()}
 
     @torch.no_grad()

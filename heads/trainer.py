@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     epochs: int = 10  # the schedule spans all of them; a resumed run must use the same value (0: the caller decides)
     lr: float = 1e-3  # peak learning rate of the heads (frozen features: 1e-4 learnt 5x slower on the synthetic set)
+    temporal_lr: Optional[float] = None  # peak learning rate of the temporal encoder (copied from CLIP's text
+    # blocks); None: lr
     weight_decay: float = 0.2  # AdamW decay on weight matrices only
     warmup: float = 0.1  # fraction of all steps spent in linear warm-up before the cosine decay
     grad_clip: float = 1.0  # max global gradient norm
@@ -46,15 +48,23 @@ class NonFiniteLoss(FloatingPointError):
     """Training produced a NaN or infinite loss or gradient; last.pt still holds the last finished epoch."""
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weight matrices only; no decay on biases, LayerNorm, position embeddings or tau (as CLIP does)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, temporal_lr: Optional[float] = None) -> list[dict]:
+    """Decay weight matrices only; no decay on biases, LayerNorm, position embeddings or tau (as CLIP does).
+    temporal_lr: a learning rate of its own for the temporal encoder (its groups carry "lr"); None: the same."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or "position_embedding" in name or "logit_scale" in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        own_lr = temporal_lr is not None and name.startswith("temporal.")
+        groups.setdefault((skip, own_lr), []).append(p)
+    out = []
+    for own_lr in (False, True):
+        for skip in (False, True):
+            if (skip, own_lr) in groups or not own_lr:  # the two plain groups always exist
+                group = {"params": groups.get((skip, own_lr), []), "weight_decay": 0.0 if skip else weight_decay}
+                out.append({**group, "lr": temporal_lr} if own_lr else group)
+    return out
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -96,7 +106,7 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.temporal_lr), lr=cfg.lr)
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(cfg.warmup * total_steps), total_steps))

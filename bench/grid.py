@@ -1,0 +1,98 @@
+"""A grid of (features set, row, seed, steps) trainings in parallel processes on one machine, one JSON
+line per run: what produced the README's "Training the full head" figures on a lent H200, which had
+torch but no Dask (on a machine with the project installed, `python cli.py ablate` does the same
+through Dask, one table per features set).
+
+    python bench/grid.py bench/grids/issue12-call1.json out.jsonl --procs 12 --device cuda
+    python bench/summarise_grid.py out.jsonl
+
+GRID.json: {"sets": {name: {"features": DIR, "synthetic": synthetic.json or null}},
+            "runs": [{"set": name, "row": label, "head": {HeadConfig overrides},
+                      "train": {TrainConfig overrides}, "steps": N, "seed": S, "max_words": 32}, ...]}
+Each run trains ceil(N / steps per epoch) epochs with train-heads' trainer (no validation split),
+then evaluates the test split (`eval`'s numbers) and the twin pair accuracy when a synthetic.json
+is given. Results come back in completion order.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_one(run: dict, sets: dict, runs_dir: str, device: str) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import torch
+    torch.set_num_threads(1)  # many runs share the machine's cores
+    from heads.config import HeadConfig
+    from heads.trainer import TrainConfig
+    from pipeline.read import FeatureStore
+    from workflows.ablate import run_twin_accuracy
+    from workflows.data import TrainData
+    from workflows.evaluate import evaluate, load_run
+    from workflows.train import RunConfig, train
+
+    spec = sets[run["set"]]
+    name = f"{run['set']}-{run['row']}-s{run['seed']}-n{run['steps']}".replace(" ", "_").replace("/", "")
+    out = Path(runs_dir) / name
+    record, start = dict(run), time.time()
+    try:
+        store = FeatureStore(spec["features"])
+        per_epoch = TrainData(store, store.split_captions("train"), run.get("batch", 128), 12, 32,
+                              run["seed"], preload_bytes=0).steps_per_epoch()
+        epochs = math.ceil(run["steps"] / per_epoch)
+        cfg = RunConfig(features=spec["features"], head=HeadConfig(**run["head"]),
+                        train=TrainConfig(epochs=epochs, seed=run["seed"], device=device, log_every=10 ** 9,
+                                          **run.get("train", {})),
+                        val_split="none", batch_size=run.get("batch", 128), max_words=run.get("max_words", 32))
+        with contextlib.redirect_stdout(io.StringIO()):
+            history = train(cfg, out)
+        record.update(train_s=round(time.time() - start, 1), epochs=epochs, steps_done=epochs * per_epoch,
+                      loss_first=history[0]["loss"], loss_last=history[-1]["loss"])
+        report = evaluate(spec["features"], out, split="test", device=device)
+        record.update(t2v=report["t2v"], v2t=report["v2t"])
+        if spec.get("synthetic"):
+            twins = json.loads(Path(spec["synthetic"]).read_text())["twins"]
+            record["twins"] = run_twin_accuracy(spec["features"], out, "test", twins, device)
+        weights = load_run(out, store, device)[0].fusion_logits
+        if weights is not None:
+            record["fusion_w"] = [round(x, 3) for x in weights.softmax(0).tolist()]
+    except Exception as e:  # a failed run is a row of the results, not the end of the grid
+        record.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:])
+    record["seconds"] = round(time.time() - start, 1)
+    return record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("grid")
+    p.add_argument("out", help="JSON lines, appended")
+    p.add_argument("--procs", type=int, default=8, help="runs at a time")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--runs-dir", default="/tmp/grid-runs")
+    args = p.parse_args()
+    grid = json.loads(Path(args.grid).read_text())
+    import multiprocessing as mp
+    start = time.time()
+    with ProcessPoolExecutor(args.procs, mp_context=mp.get_context("spawn")) as pool, open(args.out, "a") as fh:
+        futures = [pool.submit(run_one, r, grid["sets"], args.runs_dir, args.device) for r in grid["runs"]]
+        for i, future in enumerate(as_completed(futures), 1):
+            r = future.result()
+            fh.write(json.dumps(r) + "\n")
+            fh.flush()
+            told = r.get("error") or f"t2v R@1 {r['t2v']['R1']:.1f} twins {r.get('twins')}"
+            print(f"[{i}/{len(futures)} {time.time() - start:.0f}s] {r['set']} {r['row']} s{r['seed']} "
+                  f"n{r['steps']}: {told} ({r['seconds']}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
