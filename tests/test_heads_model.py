@@ -285,3 +285,19 @@ def test_clip_blocks_of_another_width_are_refused():
     enc = TemporalEncoder(32, 1, 2, 16, dropout=0.0)
     with pytest.raises(ValueError, match="wide"):
         enc.load_clip_blocks({"positional_embedding": torch.zeros(77, 64)})
+
+
+def test_loss_terms_each_is_the_mean_of_the_fused_and_each_terms_infonce():
+    from heads.loss import symmetric_infonce
+    model, batch = make_model(loss_terms="each", dropout=0.0), make_batch()
+    model.eval()
+    loss, _ = model(batch)
+    with torch.no_grad():
+        text, video = encode(model, batch)
+        coarse, fine = model._coarse(text, video, False), model._fine(text, video, False)
+        scale = model.logit_scale.exp()
+        expected = (symmetric_infonce((coarse + fine) * scale) + symmetric_infonce(coarse * scale)
+                    + symmetric_infonce(fine * scale)) / 3
+    torch.testing.assert_close(loss.detach(), expected)
+    fused_only, _ = make_model(dropout=0.0).eval()(batch)
+    assert not torch.allclose(fused_only, loss.detach())
