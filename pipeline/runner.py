@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -68,35 +69,42 @@ def get_stages(clip: ModelSpec, kw: KeywordSpec, need_keywords: bool) -> Stages:
 _END = object()
 
 
-class _Cancelled(Exception):
-    pass
+class ModelError(RuntimeError):
+    """The image tower raised (CUDA out of memory, a bad checkpoint): the whole shard fails and is
+    not written, so that a rerun redoes it rather than keeping its videos as failed."""
 
 
-def _put(q: queue.Queue, item, cancel: threading.Event) -> None:
-    while True:
+def _put(q: queue.Queue, item, cancel: threading.Event) -> bool:
+    """Put, unless cancelled first (then False). Every put must be: once the consumer is gone the
+    queue stays full, and a plain put blocks forever, and the thread pool's shutdown with it."""
+    while not cancel.is_set():
         try:
-            return q.put(item, timeout=0.5)
+            q.put(item, timeout=0.5)
+            return True
         except queue.Full:
-            if cancel.is_set():
-                raise _Cancelled from None
+            pass
+    return False
 
 
 def _decode_into(q: queue.Queue, slot: int, path: Path, clip: ClipEncoder, timeout: float,
                  cancel: threading.Event) -> None:
     """Decode one video into the queue: (slot, crop) per frame, then (slot, _END, result|error)."""
     result = DecodeResult()
-    try:
-        if cancel.is_set():
-            return
-        for frame in decode_frames(path, clip.image_size, squash=clip.squash, stall_timeout=timeout, result=result):
-            _put(q, (slot, center_crop(frame, clip.image_size)), cancel)
-        q.put((slot, _END, result))
-    except _Cancelled:
+    if cancel.is_set():
         return
+    try:
+        # closing(): a cancelled decoder kills and reaps its ffmpeg now, not whenever the generator is collected.
+        with closing(decode_frames(path, clip.image_size, squash=clip.squash, stall_timeout=timeout,
+                                   result=result)) as frames:
+            for frame in frames:
+                if not _put(q, (slot, center_crop(frame, clip.image_size)), cancel):
+                    return
+        end = result
     except DecodeError as e:
-        q.put((slot, _END, e))
+        end = e
     except Exception as e:  # anything else is still one video's failure, not the run's
-        q.put((slot, _END, DecodeError(f"{path}: {type(e).__name__}: {e}")))
+        end = DecodeError(f"{path}: {type(e).__name__}: {e}")
+    _put(q, (slot, _END, end), cancel)
 
 
 @dataclass
@@ -128,7 +136,11 @@ class _FrameBatcher:
         if not self.frames:
             return
         t0 = time.perf_counter()
-        out = self.clip.encode_frames(np.stack(self.frames))  # (B, Dv)
+        try:
+            out = self.clip.encode_frames(np.stack(self.frames))  # (B, Dv)
+        except Exception as e:  # say which stage failed: the videos themselves may be fine
+            raise ModelError(f"image model failed on a batch of {len(self.frames)} frames: "
+                             f"{type(e).__name__}: {e}") from e
         self.timing.model += time.perf_counter() - t0
         for slot, row in zip(self.slots, out):
             self.feats[slot].append(row)
@@ -165,7 +177,9 @@ def encode_videos(paths: list[Path], clip: ClipEncoder, cfg: ExtractConfig, timi
                 if q.empty():
                     batcher.flush()  # nothing else is ready: do not let the model idle
         except BaseException:
-            cancel.set()  # decoders stop at their next frame; their ffmpeg processes are killed
+            # Decoders stop at their next put (within 0.5 s, or at their next frame) and kill their
+            # ffmpeg; the pool's shutdown waits for that, so no ffmpeg outlives the failed shard.
+            cancel.set()
             raise
     batcher.flush()
     results = []

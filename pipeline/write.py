@@ -1,5 +1,11 @@
 """Write stage: one shard = HDF5 arrays + Parquet tables, written under a temporary name and
-renamed, so a shard on disk is always whole."""
+renamed, so a shard on disk is always whole.
+
+A shard that is redone replaces the old one by renames only: the old one goes aside (under the
+temporary prefix, which readers and the cleanup treat as garbage), the new one comes in, the
+folder is fsynced, and only then is the old one deleted. A crash leaves the old or the new shard
+at the final name, or, between the two renames, the old one aside, which the next run's
+remove_stale_temporaries puts back."""
 from __future__ import annotations
 
 import json
@@ -15,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schema as S
+
+_ASIDE = "-old-"  # .tmp-shard-NNNNN-old-XXXXXXXX: a whole shard being replaced
 
 
 @dataclass
@@ -35,12 +43,23 @@ def _concat(parts: list[np.ndarray], width: int, dtype: str) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros((0, width), dtype)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make the names in a folder (new files, renames) survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_shard(out: Path, data: ShardData, image_proj: np.ndarray, text_proj: np.ndarray, attrs: dict) -> Path:
     """Write `data` as OUT/shards/shard-NNNNN atomically and return that path."""
     shards = Path(out) / S.SHARDS_DIR
     shards.mkdir(parents=True, exist_ok=True)
     final = shards / S.shard_name(data.index)
-    tmp = shards / f"{S.TMP_PREFIX}{S.shard_name(data.index)}-{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    tmp = shards / f"{S.TMP_PREFIX}{final.name}-{tag}"
+    old = shards / f"{S.TMP_PREFIX}{final.name}{_ASIDE}{tag}"
     tmp.mkdir()
     try:
         dv, dt = image_proj.shape[0], text_proj.shape[0]
@@ -65,19 +84,35 @@ def write_shard(out: Path, data: ShardData, image_proj: np.ndarray, text_proj: n
         for f in tmp.iterdir():  # data on disk before the rename makes the shard visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _fsync_dir(tmp)
+        replacing = final.exists()
+        if replacing:
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if replacing:  # an error, not a crash: put the old shard back at once
+                os.rename(old, final)
+            raise
+        _fsync_dir(shards)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if replacing:  # garbage now; if this fails, the next run's cleanup deletes it
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def remove_stale_temporaries(out: Path) -> int:
-    """Delete half-written shards left by a killed run; they are never read."""
+    """Delete half-written shards left by a killed run; they are never read. An old shard set aside
+    by a run killed before the new one came in goes back to its name instead."""
     shards = Path(out) / S.SHARDS_DIR
-    stale = list(shards.glob(f"{S.TMP_PREFIX}*")) if shards.is_dir() else []
+    stale = sorted(shards.glob(f"{S.TMP_PREFIX}*")) if shards.is_dir() else []
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        name, aside, _ = path.name[len(S.TMP_PREFIX):].partition(_ASIDE)
+        if aside and not (shards / name).exists():  # set aside whole (one rename), so whole still
+            os.rename(path, shards / name)
+            _fsync_dir(shards)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
     return len(stale)
