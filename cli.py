@@ -237,7 +237,7 @@ def prepare(
     train_split: str = typer.Option("9k", help="MSR-VTT training list: 9k | 7k."),
 ):
     """Write the captions file `extract` reads, with the dataset's standard splits."""
-    from pipeline.adapters import AnnotationError, prepare as run_prepare
+    from corpora.adapters import AnnotationError, prepare as run_prepare
 
     options = {"videos_dir": videos_dir} if videos_dir else {}
     if dataset == "msrvtt":
@@ -269,7 +269,7 @@ def make_synthetic_cmd(
                                              "between or around the events (aimed at S2 frame weights)."),
 ):
     """Write a synthetic text-video set (real mp4 files, captions, train/val/test, time-reversed twins)."""
-    from pipeline.synthetic import SyntheticSettings, make_synthetic
+    from corpora.synthetic import SyntheticSettings, make_synthetic
 
     settings = SyntheticSettings(partial_captions=partial_captions, wordy_captions=wordy_captions,
                                  distractor_s=distractor_seconds)

@@ -52,8 +52,8 @@ def default_captions_file(root: Path) -> Path | None:
     return None
 
 
-def _rows(path: Path):
-    """(line number, dict or error text) for each row of a JSONL or CSV file."""
+def read_rows(path: Path):
+    """(line number, dict or error text) for each row of a JSONL or CSV file (a .csv suffix means CSV)."""
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
             reader = csv.DictReader(f)
@@ -117,7 +117,7 @@ def read_captions(path: Path, index: VideoIndex, max_chars: int = 2000) -> tuple
         failures.append(Failure(f"{path}:{line}", "captions", why))
 
     try:
-        rows = list(_rows(path))
+        rows = list(read_rows(path))
     except OSError as e:
         return [], [Failure(str(path), "captions", f"cannot read captions file: {e.strerror or e}")]
     for line, row in rows:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.adapters import DATASETS, AnnotationError, prepare
+from corpora.adapters import DATASETS, AnnotationError, prepare
 
 from tests.conftest import run_cli
 
@@ -549,3 +549,30 @@ def test_benchmark_videos_dir_filters_missing_videos(msrvtt_dir: Path, tmp_path:
 
 def test_registry_lists_every_dataset() -> None:
     assert set(DATASETS) == {"msrvtt", "msvd", "didemo", "activitynet", "lsmdc", "vatex", "generic"}
+
+
+def test_prepare_and_extract_match_videos_the_same_way(tmp_path: Path) -> None:
+    """One video index for both: every extension extract accepts (here .ts and .ogv, which prepare used
+    to drop), a path without its suffix, and a bare id of a video in a subfolder."""
+    from pipeline.captions import VIDEO_EXTENSIONS, VideoIndex, find_videos
+    videos = tmp_path / "videos"
+    for rel in ("a.ts", "b.ogv", "sub/video7010.mp4", "c.mp4"):
+        (videos / rel).parent.mkdir(parents=True, exist_ok=True)
+        (videos / rel).write_bytes(b"")
+    assert {".ts", ".ogv"} <= VIDEO_EXTENSIONS
+    rows = [{"video": v, "caption": f"caption of {v}", "split": "test"}
+            for v in ("a.ts", "b", "video7010", "sub/video7010", "missing")]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = prepare("generic", captions, tmp_path / "out.jsonl", videos_dir=videos)
+    kept = [r["video"] for r in read_jsonl(tmp_path / "out.jsonl")]
+    assert kept == ["a.ts", "b.ogv", "sub/video7010.mp4", "sub/video7010.mp4"]
+    assert len(report.skipped) == 1 and "missing" in str(report.skipped[0])
+    index = VideoIndex(videos, find_videos(videos))
+    assert [index.resolve(r["video"])[0] for r in rows[:4]] == kept
+
+
+def test_generic_csv_without_the_caption_column_names_the_file(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "captions.csv", ["video", "text"], [["a", "b"]])
+    with pytest.raises(AnnotationError, match="captions.csv.*caption"):
+        prepare("generic", path, tmp_path / "out.jsonl")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.synthetic import (
+from corpora.synthetic import (
     ACTION_PHRASES,
     COLOURS,
     FILLER_ASIDES,
@@ -147,8 +147,11 @@ def test_defaults_unchanged_by_knobs(synth) -> None:
     out, meta = synth
     assert hashlib.sha256((out / "captions.jsonl").read_bytes()).hexdigest() == CAPTIONS_SHA256
     assert all(meta["settings"][k] == 0 for k in KNOBS)
-    # synthetic.json only gained the knob settings and two per-video keys.
+    # synthetic.json only gained the knob settings and two per-video keys (and its generator moved
+    # from pipeline/ to corpora/ with the module).
     old = json.loads((out / "synthetic.json").read_text())
+    assert old["generator"] == "corpora.synthetic"
+    old["generator"] = "pipeline.synthetic"
     for key in KNOBS:
         del old["settings"][key]
     assert old.pop("ambiguous_partial_captions") == {"train": 0, "val": 0, "test": 0}

@@ -19,10 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.captions import VIDEO_EXTENSIONS, VideoIndex, find_videos, read_rows
+
 SPLITS = ("train", "val", "test")
-VIDEO_SUFFIXES = frozenset(
-    {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
-)
 
 
 class AnnotationError(ValueError):
@@ -273,7 +272,7 @@ def _read_csv_columns(path: Path, columns: list[str]) -> list[tuple[int, dict[st
 def _strip_video_suffix(video: str) -> str:
     # Only known video extensions: LSMDC and VATEX ids contain dots and must stay whole.
     suffix = Path(video).suffix.lower()
-    return video[: -len(suffix)] if suffix in VIDEO_SUFFIXES else video
+    return video[: -len(suffix)] if suffix in VIDEO_EXTENSIONS else video
 
 
 def _clean(text: Any) -> str:
@@ -780,8 +779,7 @@ def read_generic(annotations: list[Path] | Path, videos_dir: Path | None = None)
     """Rows {video, caption, split?}; bad rows are skipped and reported with their line."""
     path = _generic_file(annotations)
     out = Collected(videos_dir=Path(videos_dir) if videos_dir else path.parent)
-    rows = _jsonl_rows(path, out) if path.suffix == ".jsonl" else _csv_rows(path)
-    for line, row in rows:
+    for line, row in _generic_rows(path, out):
         record = _generic_record(row, path, line, out)
         if record is not None:
             out.records.append(record)
@@ -804,25 +802,17 @@ def _generic_file(annotations: list[Path] | Path) -> Path:
     )
 
 
-def _jsonl_rows(path: Path, out: Collected) -> list[tuple[int, dict]]:
+def _generic_rows(path: Path, out: Collected) -> list[tuple[int, dict]]:
+    """The rows `extract` would read from this file (pipeline.captions.read_rows); bad ones are skipped."""
     rows = []
-    for line, raw in enumerate(_read_text(path).splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            out.skipped.append(Skipped(str(path), line, f"not valid JSON: {e.msg}"))
-            continue
-        if not isinstance(row, dict):
-            out.skipped.append(Skipped(str(path), line, "not a JSON object"))
-            continue
-        rows.append((line, row))
+    for line, row in read_rows(path):
+        if isinstance(row, str):  # read_rows reports a bad row (or CSV header) as text
+            if row.startswith("header lacks"):  # no row can be read: the file as a whole is wrong
+                raise AnnotationError(f"{path}: {row}")
+            out.skipped.append(Skipped(str(path), line, row))
+        else:
+            rows.append((line, row))
     return rows
-
-
-def _csv_rows(path: Path) -> list[tuple[int, dict]]:
-    return _read_csv_columns(path, ["video", "caption"])
 
 
 def _generic_record(row: dict, path: Path, line: int, out: Collected) -> Record | None:
@@ -846,36 +836,14 @@ def _generic_record(row: dict, path: Path, line: int, out: Collected) -> Record 
 # Matching captions to video files
 
 
-class VideoIndex:
-    """Video files under a folder, found by relative path, by path without suffix, or by stem."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.by_key: dict[str, set[str]] = {}
-        for p in sorted(root.rglob("*")):
-            if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file():
-                rel = p.relative_to(root).as_posix()
-                for key in {rel, rel[: -len(p.suffix)], p.name[: -len(p.suffix)]}:
-                    self.by_key.setdefault(key, set()).add(rel)
-
-    def find(self, video: str) -> tuple[str | None, str]:
-        """The relative path of `video`, or None and why not."""
-        key = video.replace("\\", "/")
-        hits = self.by_key.get(key[2:] if key.startswith("./") else key, set())
-        if len(hits) == 1:
-            return next(iter(hits)), ""
-        if hits:
-            return None, f"video {video!r} matches several files: {sorted(hits)[:3]}"
-        return None, f"unknown video {video!r} (not found in {self.root})"
-
-
 def _keep_present_videos(c: Collected, videos_dir: Path) -> None:
     if not videos_dir.is_dir():
         raise AnnotationError(f"videos folder {videos_dir} does not exist")
-    index = VideoIndex(videos_dir)
+    # the index `extract` matches captions with: the same extensions, paths, stems and bare ids
+    index = VideoIndex(videos_dir, find_videos(videos_dir))
     kept, missing = [], {}
     for r in c.records:
-        rel, why = index.find(r.video)
+        rel, why = index.resolve(r.video)
         if rel is None:
             # One entry per source row: a missing video with 20 captions is one problem.
             missing.setdefault(Skipped(r.file, r.line, why), None)

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .decode import ffmpeg_exe
+from pipeline.decode import ffmpeg_exe
 
 SPLITS = ("train", "val", "test")
 
@@ -660,7 +660,7 @@ def encode_mp4(frames: np.ndarray, path: Path, fps: int, crf: int) -> None:
 
 def _metadata(n_videos: int, seed: int, cfg: SyntheticSettings, clips: list[Clip]) -> dict:
     return {
-        "generator": "pipeline.synthetic",
+        "generator": "corpora.synthetic",
         "seed": seed,
         "n_videos": n_videos,
         "settings": dataclasses.asdict(cfg),
