@@ -50,6 +50,18 @@ class TextFeatures(_Rows):
     mask: Tensor  # (Nt, N) True = real token
 
 
+def check_mask(mask: Tensor, what: str) -> None:
+    """A mask must be a non-empty prefix per row (True then False): the LSTM, the attention masks and the
+    padding rules all assume it, and an empty row is an all -inf softmax (NaN). One host sync per call."""
+    if mask.ndim != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"{what} must be a (rows, positions) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+    bad = (~mask[:, 0]) | (mask[:, 1:] & ~mask[:, :-1]).any(1)  # (rows,) empty, or True after a False
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise ValueError(f"{what} row {row} is {'empty' if not mask[row].any() else 'not a prefix'}: "
+                         f"{mask[row].int().tolist()}; padding must come after every real position")
+
+
 class RetrievalHead(nn.Module):
 
     def __init__(self, cfg: HeadConfig, image_proj: Tensor, text_proj: Tensor,
@@ -82,6 +94,7 @@ class RetrievalHead(nn.Module):
 
     # ---- S2: video ---------------------------------------------------------------------------------
     def encode_video(self, frames: Tensor, frame_mask: Tensor) -> VideoFeatures:
+        check_mask(frame_mask, "frame_mask")
         f0 = self.proj.project_image(frames)  # (Nv, F, D)
         f = self.temporal(f0, frame_mask) if self.temporal is not None else f0  # (Nv, F, D)
         # CLIP4Clip's pooling (_loose_similarity): normalise each frame, then average (normalised again in
@@ -98,6 +111,7 @@ class RetrievalHead(nn.Module):
     # ---- S3: text ----------------------------------------------------------------------------------
     def encode_text(self, text_global: Tensor, tokens: Tensor, token_mask: Tensor,
                     keywords: Tensor, keyword_mask: Tensor) -> TextFeatures:
+        check_mask(token_mask, "token_mask")
         t = self.proj.project_text(text_global)  # (Nt, D)
         w = self.proj.project_text(tokens)  # (Nt, N, D)
         if self.keyword_attn is not None:

@@ -155,8 +155,15 @@ class FeatureStore:
         for b, (r, p) in enumerate(zip(rows, picks)):
             block = self._array(r["shard_pos"], S.H5_FRAMES)[r["frame_start"]:r["frame_start"] + r["num_frames"]]
             out[b, :len(p)] = block[p]
+            self._check_finite(out[b, :len(p)], r["shard_pos"], f"frames of video {r['video_id']}")
             mask[b, :len(p)] = True
         return out, mask
+
+    def _check_finite(self, values: np.ndarray, shard_pos: int, what: str) -> None:
+        """A NaN or inf feature would only surface as a NaN loss many steps later: name its file now."""
+        if not np.isfinite(values).all():
+            raise FeaturesError(f"{self.shard_dirs[shard_pos] / S.FEATURES_FILE}: non-finite values in the {what}; "
+                                f"delete {self.shard_dirs[shard_pos]} and rerun extract to redo that shard")
 
     def frame_times(self, video_index: int) -> np.ndarray:
         r = self.videos[video_index]
@@ -185,6 +192,7 @@ class FeatureStore:
             # Long captions keep their first words and their EOT, as CLIP4Clip's truncation does.
             out["tokens"][b, :keep] = np.concatenate([toks[:keep - 1], toks[-1:]]) if keep < len(toks) else toks
             out["token_mask"][b, :keep] = True
+            self._check_finite(out["tokens"][b, :keep], pos, f"tokens of caption {r['caption_id']} ({r['video_id']})")
             k_rows = self._array(pos, S.H5_KEYWORD_INDEX)[r["row_in_shard"]]
             k_rows = k_rows[k_rows >= 0]
             if len(k_rows):

@@ -301,3 +301,15 @@ def test_loss_terms_each_is_the_mean_of_the_fused_and_each_terms_infonce():
     torch.testing.assert_close(loss.detach(), expected)
     fused_only, _ = make_model(dropout=0.0).eval()(batch)
     assert not torch.allclose(fused_only, loss.detach())
+
+
+def test_masks_must_be_non_empty_prefixes():
+    model, batch = make_model(), make_batch()
+    holes = batch["frame_mask"].clone()
+    holes[2] = torch.tensor([True, False, True, False, False, False])
+    with pytest.raises(ValueError, match="frame_mask row 2 is not a prefix"):
+        model.encode_video(batch["frames"], holes)
+    empty = batch["token_mask"].clone()
+    empty[1] = False
+    with pytest.raises(ValueError, match="token_mask row 1 is empty"):
+        model.encode_text(batch["text_global"], batch["tokens"], empty, batch["keywords"], batch["keyword_mask"])
