@@ -45,6 +45,7 @@ def cpu_times() -> tuple[float, float]:
 
 def make_videos(folder: Path, n: int, seed: int = 0) -> list[Path]:
     """N H.264 clips shaped like MSR-VTT's (320x240, 30 fps, 10-30 s, ~300 kb/s); cached by name."""
+    from pipeline.atomic import atomic_path
     from pipeline.decode import ffmpeg_exe
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -53,11 +54,10 @@ def make_videos(folder: Path, n: int, seed: int = 0) -> list[Path]:
         seconds = round(float(rng.uniform(10, 30)), 1)
         path = folder / f"v{i:04d}_{seconds:.1f}s.mp4"
         if not path.exists():
-            tmp = path.with_name(f".tmp-{path.name}")
-            subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi",
-                            "-i", f"testsrc2=size=320x240:rate=30:duration={seconds}",
-                            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mp4", str(tmp)], check=True)
-            tmp.rename(path)
+            with atomic_path(path) as tmp:
+                subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi",
+                                "-i", f"testsrc2=size=320x240:rate=30:duration={seconds}",
+                                "-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mp4", str(tmp)], check=True)
         paths.append(path)
     return paths
 

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -80,10 +81,24 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 
 
 def _save(obj: dict, path: Path):
-    """Write then rename, so a crash mid-write never leaves a truncated checkpoint behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write a temporary of this writer's own, fsync, rename, fsync the folder: a crash never leaves a
+    truncated checkpoint behind, and two writers never share a temporary. (pipeline/atomic.py does
+    this for every other file; heads/ is a torch-only library and imports nothing of pipeline/.)"""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}{path.suffix}")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _plain(v):

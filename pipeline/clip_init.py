@@ -4,13 +4,12 @@ folder as safetensors (no pickle), beside config.json; a few MB for ViT-B/32."""
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 import torch
 
 from . import schema as S
+from .atomic import atomic_path
 
 BLOCKS = 4  # CLIP4Clip's cross_num_hidden_layers: its seqTransf has 4 layers copied from CLIP
 
@@ -50,9 +49,8 @@ def save_text_blocks(model, out: Path, attrs: dict) -> Path:
 
     tensors, meta = text_blocks_state(model)
     path = Path(out) / S.CLIP_BLOCKS_FILE
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    save_file(tensors, str(tmp), metadata={"info": json.dumps({**meta, **attrs})})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"info": json.dumps({**meta, **attrs})})
     return path
 
 

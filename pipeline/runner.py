@@ -35,12 +35,16 @@ class ShardTask:
     index: int
     videos: tuple[str, ...]             # relative paths, in shard order
     captions: tuple[Caption, ...] = ()
+    fingerprint: str = ""               # shard_fingerprint of its inputs, made by the planner; the worker
+    # writes it to meta.json as is (it may see other paths and caches, so it never makes its own)
 
-    def fingerprint(self, cfg: ExtractConfig) -> str:
-        """Changes when the shard's inputs or the feature settings change."""
-        payload = json.dumps([self.videos, [c.__dict__ for c in self.captions], cfg.feature_settings()],
-                             sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+def shard_fingerprint(videos: tuple[str, ...], captions: tuple[Caption, ...], stamps: list, sources: dict) -> str:
+    """Changes when what the shard is made from changes: its videos (names, and per file `stamps`, e.g.
+    size and modification time), its captions, or what encodes them (`sources`: feature settings,
+    checkpoint file, resolved keyword model)."""
+    payload = json.dumps([videos, [c.__dict__ for c in captions], stamps, sources], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -269,7 +273,7 @@ def run_shard(task: ShardTask, cfg: ExtractConfig, on_video: Callable[[int], Non
         "frames": n_frames, "captions": len(captions), "keywords": len(table),
         "seconds": round(seconds, 3), "decode_wait_s": round(timing.wait, 3),
         "image_model_s": round(timing.model, 3), "text_s": round(timing.text, 3),
-        "device": clip_spec.device, "fingerprint": task.fingerprint(cfg),
+        "device": clip_spec.device, "fingerprint": task.fingerprint,
     }
     data.meta = {**summary, "schema_version": S.SCHEMA_VERSION,
                  "failures": [f.__dict__ for f in failures]}

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schema as S
+from .atomic import fsync_dir
 
 _ASIDE = "-old-"  # .tmp-shard-NNNNN-old-XXXXXXXX: a whole shard being replaced
 
@@ -41,15 +42,6 @@ class ShardData:
 
 def _concat(parts: list[np.ndarray], width: int, dtype: str) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros((0, width), dtype)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the names in a folder (new files, renames) survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_shard(out: Path, data: ShardData, image_proj: np.ndarray, text_proj: np.ndarray, attrs: dict) -> Path:
@@ -84,7 +76,7 @@ def write_shard(out: Path, data: ShardData, image_proj: np.ndarray, text_proj: n
         for f in tmp.iterdir():  # data on disk before the rename makes the shard visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         replacing = final.exists()
         if replacing:
             os.rename(final, old)
@@ -94,7 +86,7 @@ def write_shard(out: Path, data: ShardData, image_proj: np.ndarray, text_proj: n
             if replacing:  # an error, not a crash: put the old shard back at once
                 os.rename(old, final)
             raise
-        _fsync_dir(shards)
+        fsync_dir(shards)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -112,7 +104,7 @@ def remove_stale_temporaries(out: Path) -> int:
         name, aside, _ = path.name[len(S.TMP_PREFIX):].partition(_ASIDE)
         if aside and not (shards / name).exists():  # set aside whole (one rename), so whole still
             os.rename(path, shards / name)
-            _fsync_dir(shards)
+            fsync_dir(shards)
         else:
             shutil.rmtree(path, ignore_errors=True)
     return len(stale)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import os
 import shutil
 
 import h5py
@@ -181,3 +182,88 @@ def test_csv_captions_with_a_byte_order_mark(clip_collection, tmp_path):
     assert res.returncode == 0, res.stderr
     rows = pq.read_table(out / S.ALL_CAPTIONS_FILE).to_pylist()
     assert sorted((r["video_id"], r["split"]) for r in rows) == [("a.mp4", "train"), ("b.mp4", "test")]
+
+
+# --- resume: a shard is redone exactly when what it is made from changed -------------------------------
+
+FAST = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
+
+
+def _rerun(videos, out, *extra) -> dict:
+    res = run_cli(*tiny_extract_args(videos, out, "--cluster", "none", "--shard-size", "1", *extra))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / S.SUMMARY_FILE).read_text())
+    return {"redone": sorted(t["shard"] for t in summary["shard_timings"]),
+            "skipped": summary["videos_skipped_complete"]}
+
+
+def _frames(out, shard: int) -> int:
+    return pq.read_table(out / S.SHARDS_DIR / S.shard_name(shard) / S.VIDEOS_FILE).column("num_frames")[0].as_py()
+
+
+def test_rerun_redoes_a_video_replaced_or_touched_under_the_same_name(tmp_path):
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    for name in ("a", "b", "c"):
+        make_video(videos / f"{name}.mp4", 1.0, size="64x48", extra=FAST)
+    assert _rerun(videos, out) == {"redone": [0, 1, 2], "skipped": 0}
+    assert _rerun(videos, out) == {"redone": [], "skipped": 3}  # nothing touched: every shard skipped
+
+    a, b = videos / "a.mp4", videos / "b.mp4"
+    st_a = a.stat()
+    make_video(tmp_path / "other.mp4", 2.0, size="64x48", extra=FAST).replace(a)  # other bytes, same name
+    os.utime(a, ns=(st_a.st_atime_ns, st_a.st_mtime_ns))  # and the old time: only the size tells
+    st_b = b.stat()
+    os.utime(b, ns=(st_b.st_atime_ns, st_b.st_mtime_ns + 10**9))  # same bytes, another time
+    assert _rerun(videos, out) == {"redone": [0, 1], "skipped": 1}
+    assert _frames(out, 0) == 2  # the new a.mp4 (2 s), not the old one (1 s)
+
+
+def test_rerun_redoes_shards_when_the_local_checkpoint_changes(tmp_path):
+    import torch
+
+    from pipeline.encode import ModelSpec, load_clip
+
+    videos, out, ckpt = tmp_path / "videos", tmp_path / "out", tmp_path / "tiny.pt"
+    make_video(videos / "a.mp4", 1.0, size="64x48", extra=FAST)
+    model = load_clip(ModelSpec(model="ViT-Tiny-16", pretrained="none"))
+    torch.save(model.state_dict(), ckpt)  # open_clip loads a local state_dict as --pretrained PATH
+    args = tiny_extract_args(videos, out, "--cluster", "none")
+    args[args.index("--pretrained") + 1] = str(ckpt)
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    before = json.loads((out / S.SUMMARY_FILE).read_text())
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)  # other weights under the same name
+    torch.save(model.state_dict(), ckpt)
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    after = json.loads((out / S.SUMMARY_FILE).read_text())
+    assert before["shards_done_now"] == after["shards_done_now"] == 1 and after["videos_skipped_complete"] == 0
+
+
+def test_fingerprint_names_the_resolved_keyword_model(tmp_path, monkeypatch):
+    """"auto" is resolved before the fingerprint: when what it stands for changes, shards with captions
+    are redone; a shard without captions does not depend on it."""
+    from pipeline import extract as E
+    from pipeline.captions import Caption
+    from pipeline.config import ExtractConfig
+    from pipeline.encode import ModelSpec
+    from pipeline.keywords import KeywordSpec, keyword_model_name
+
+    assert keyword_model_name("auto") not in ("auto", "") and keyword_model_name("my/model") == "my/model"
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (videos / name).write_bytes(b"x")
+    cfg = ExtractConfig(videos=str(videos), out=str(tmp_path / "out"), shard_size=1,
+                        clip=ModelSpec(model="ViT-Tiny-16", pretrained="none"), keywords=KeywordSpec(model="auto"))
+    (tmp_path / "out").mkdir()
+    inputs = E.Inputs(["a.mp4", "b.mp4"], [Caption(0, "a.mp4", "train", "a dog")])
+
+    def fingerprints(resolved: str) -> list[str]:
+        monkeypatch.setattr(E, "keyword_model_name", lambda model: resolved)
+        return [t.fingerprint for t in E._tasks(cfg, inputs)[0]]
+
+    one, other = fingerprints("model-A@rev1"), fingerprints("model-A@rev2")
+    assert one[0] != other[0] and one[1] == other[1]
+    assert fingerprints("model-A@rev1") == one

@@ -20,6 +20,7 @@ from pathlib import Path
 from heads.config import HeadConfig
 from heads.evaluate import score_matrix
 from heads.trainer import TrainConfig
+from pipeline.atomic import atomic_write_text
 from pipeline.distributed import ClusterSpec, run_tasks
 from pipeline.read import FeatureStore
 
@@ -253,18 +254,19 @@ def run_one(task: RunTask, device: str | None = None) -> dict:
     if resume:  # train(resume=True) takes the saved config, device included: use this worker's
         info = json.loads((run / RUN_CONFIG).read_text())
         info["run"]["train"]["device"] = cfg.train.device
-        (run / RUN_CONFIG).write_text(json.dumps(info, indent=2))
+        atomic_write_text(run / RUN_CONFIG, json.dumps(info, indent=2))
     elif run.exists():  # another config, or killed before its first checkpoint: start afresh
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
-    (run / REQUESTED).write_text(json.dumps({"row": task.row, "seed": task.seed, "config": task.config}, indent=2))
+    atomic_write_text(run / REQUESTED,
+                      json.dumps({"row": task.row, "seed": task.seed, "config": task.config}, indent=2))
     # Epoch lines go to the run's own log: several runs share the terminal.
     with open(run / "train.log", "a") as log, contextlib.redirect_stdout(log):
         try:
             train(cfg, run, resume=resume)
             twins = run_twin_accuracy(cfg.features, run, task.split, list(task.twins), cfg.train.device) \
                 if task.twins else None
-            (run / f"twins_{task.split}.json").write_text(json.dumps({"twins": twins, "pairs": len(task.twins)}))
+            atomic_write_text(run / f"twins_{task.split}.json", json.dumps({"twins": twins, "pairs": len(task.twins)}))
             evaluate(cfg.features, run, split=task.split, device=cfg.train.device, chunk=cfg.eval_chunk)
         except Exception as e:  # the row fails, the table goes on; a rerun tries it again
             traceback.print_exc(file=log)
@@ -325,8 +327,8 @@ def ablate(cfg: AblateConfig) -> dict:
     finally:
         store.close()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablate.json").write_text(json.dumps({**cfg.to_dict(), "budget": budget, "twin_pairs": len(twins)},
-                                                indent=2))
+    atomic_write_text(out / "ablate.json", json.dumps({**cfg.to_dict(), "budget": budget, "twin_pairs": len(twins)},
+                                                      indent=2))
 
     results, tasks = [], []
     for seed in cfg.seeds:

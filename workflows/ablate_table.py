@@ -3,10 +3,12 @@ runs.csv, table.png and summary.json."""
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import statistics
 from pathlib import Path
+
+from pipeline.atomic import atomic_path, atomic_write_text
 
 METRICS = ("R1", "R5", "R10", "MdR", "MnR")
 LABELS = {"R1": "R@1", "R5": "R@5", "R10": "R@10", "MdR": "MdR", "MnR": "MnR"}
@@ -72,12 +74,11 @@ def format_table(summary: dict) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def _table_rows(table: list[dict]) -> list[dict]:
@@ -123,15 +124,16 @@ def draw_table(summary: dict, path: Path) -> None:
     ax.set(ylabel=f"{summary['split']} R@1 (%)", title=f"R@1, mean ± std over {len(summary['seeds'])} seed(s)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(out: Path, summary: dict) -> None:
-    (out / "table.md").write_text(format_table(summary))
+    atomic_write_text(out / "table.md", format_table(summary))
     _write_csv(out / "table.csv", _table_rows(summary["table"]))
     _write_csv(out / "runs.csv", _run_rows(summary["runs"]))
     draw_table(summary, out / "table.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))

@@ -3,7 +3,6 @@ plus per-query ranks for error analysis."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +12,7 @@ import torch
 from heads.config import HeadConfig
 from heads.evaluate import rank_all
 from heads.trainer import load_head
+from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.read import FeatureStore
 
 from .data import EvalData
@@ -76,9 +76,7 @@ def evaluate(features: Path, run: Path | None, split: str = "test", dsl: bool = 
     if run is not None:
         suffix = f"{split}{'_dsl' if dsl else ''}"
         _write_ranks(store, data, captions, result, Path(run) / f"ranks_{suffix}.parquet")
-        tmp = Path(run) / f".eval_{suffix}.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, Path(run) / f"eval_{suffix}.json")
+        atomic_write_text(Path(run) / f"eval_{suffix}.json", json.dumps(report, indent=2))
     store.close()
     return report
 
@@ -92,7 +90,8 @@ def _write_ranks(store: FeatureStore, data: EvalData, captions: list[int], resul
                  "caption": None, "rank": int(r)} for v, r in zip(data.videos, result.v2t_ranks.tolist())]
     schema = pa.schema([("direction", pa.string()), ("caption_id", pa.int64()), ("video_id", pa.string()),
                         ("caption", pa.string()), ("rank", pa.int64())])
-    pq.write_table(pa.Table.from_pylist(t2v_rows + v2t_rows, schema=schema), path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(t2v_rows + v2t_rows, schema=schema), tmp)
 
 
 def format_table(report: dict) -> str:

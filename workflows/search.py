@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from heads.config import HeadConfig
 from heads.model import TEXT_KEYS, VIDEO_KEYS, RetrievalHead
 from pipeline import schema as S
+from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.decode import DecodeError, DecodeResult, decode_frames, ffmpeg_exe
 from pipeline.encode import ClipEncoder, ModelSpec, WeightsError, center_crop
 from pipeline.read import FeatureStore, uniform_indices
@@ -181,20 +182,38 @@ def coarse_index(store: FeatureStore, kind: str = "videos") -> tuple[np.ndarray,
     key = _fingerprint(store, kind)
     array, meta = folder / f"coarse_{kind}.npy", folder / f"coarse_{kind}.json"
     ids = [v["video_id"] for v in store.videos] if kind == "videos" else [c["caption_id"] for c in store.captions]
-    if array.exists() and meta.exists():
-        saved = json.loads(meta.read_text())
-        if saved.get("key") == key and saved.get("ids") == ids:
-            return np.load(array), True
+    cached = _load_cached(array, meta, {"key": key, "ids": ids})
+    if cached is not None:
+        return cached, True
     emb = _build(store, kind)
     try:  # a read-only features folder still searches, only without the cache
         folder.mkdir(exist_ok=True)
-        tmp = folder / f".coarse_{kind}.tmp.npy"
-        np.save(tmp, emb)
-        os.replace(tmp, array)
-        meta.write_text(json.dumps({"key": key, "ids": ids}))
+        # Each search writes under its own temporary names, so concurrent builds never collide.
+        with atomic_path(array) as tmp:
+            np.save(tmp, emb)
+            written = _file_stamp(os.stat(tmp))  # a rename keeps inode, size and mtime
+        atomic_write_text(meta, json.dumps({"key": key, "ids": ids, "array": written}))
     except OSError as e:
         log.warning("coarse index not cached in %s: %s", folder, e)
     return emb, False
+
+
+def _file_stamp(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _load_cached(array: Path, meta: Path, expected: dict) -> np.ndarray | None:
+    """The cached embeddings when meta matches `expected` and names this very array file: two builds
+    of different keys racing could otherwise leave one's array beside the other's meta."""
+    try:
+        saved = json.loads(meta.read_text())
+        with open(array, "rb") as f:
+            if any(saved.get(k) != v for k, v in expected.items()) \
+                    or saved.get("array") != _file_stamp(os.fstat(f.fileno())):
+                return None
+            return np.load(f)
+    except (OSError, ValueError):  # absent, or unreadable: built again
+        return None
 
 
 def top_candidates(emb: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, str]:
@@ -445,7 +464,4 @@ def write_html(result: SearchResult, path: Path | str) -> Path:
     page = _PAGE.format(title=html.escape(f"{result.target} for {result.query}"), summary=summary,
                         hits="\n".join(rows))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, page)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from heads.config import HeadConfig
 from heads.evaluate import rank_all
 from heads.model import RetrievalHead
 from heads.trainer import TrainConfig, fit
+from pipeline.atomic import atomic_path, atomic_write_text
 from pipeline.read import FeatureStore
 from pipeline.schema import CLIP_BLOCKS_FILE
 
@@ -94,16 +94,15 @@ def draw_curves(history: list[dict], path: Path) -> None:
     else:
         ax_r1.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax_r1.transAxes)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def _write_metrics(history: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def auto_epochs(steps_per_epoch: int, min_steps: int) -> int:
@@ -150,7 +149,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, min_steps: int = 1000
     info = {"run": cfg.to_dict(), "features_model": asdict(store.info), "train_captions": len(train_caps),
             "train_videos": len(set(data.videos.tolist())), "val_captions": len(val_caps),
             "steps_per_epoch": steps, "trainable_parameters": n_params}
-    (out / RUN_CONFIG).write_text(json.dumps(info, indent=2))
+    atomic_write_text(out / RUN_CONFIG, json.dumps(info, indent=2))
     log.info("training %s: %s", out, info)
 
     drawn = [-math.inf]  # when curves.png was last drawn: a figure costs more than a short epoch

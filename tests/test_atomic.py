@@ -1,0 +1,218 @@
+"""pipeline/atomic.py: the target is always one writer's whole file, temporaries never outlive a write,
+concurrent writers never share one; and the writers that use it (the search index cache, checkpoints)."""
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import schema as S
+from pipeline.atomic import TMP_MARK, atomic_path, atomic_write_bytes, atomic_write_text, temporary_name
+from tests.conftest import ROOT
+
+SIZE = 1 << 18  # big enough that a torn or mixed write would show
+
+
+def _names(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _whole(data: bytes, writers: int) -> bool:
+    """One writer's complete content: SIZE copies of its byte."""
+    return len(data) == SIZE and data[:1] in {bytes([65 + i]) for i in range(writers)} and data == data[:1] * SIZE
+
+
+def test_write_leaves_only_the_target(tmp_path):
+    target = atomic_write_text(tmp_path / "a.json", '{"x": 1}\r\n')
+    assert target.read_bytes() == b'{"x": 1}\r\n'  # as given: no newline translation
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second" and _names(tmp_path) == ["a.json"]
+
+
+def test_temporary_names_are_unique_hidden_and_keep_the_suffix(tmp_path):
+    names = {temporary_name(tmp_path / "curves.png") for _ in range(100)}
+    assert len(names) == 100
+    for name in names:
+        assert name.parent == tmp_path and name.name.startswith(".curves" + TMP_MARK) and name.suffix == ".png"
+
+
+def test_an_error_keeps_the_old_target_and_removes_the_temporary(tmp_path):
+    target = atomic_write_text(tmp_path / "t.txt", "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half of the ne")
+        raise RuntimeError("disk full (injected)")
+    assert target.read_text() == "old" and _names(tmp_path) == ["t.txt"]
+    with pytest.raises(TypeError):
+        atomic_write_bytes(tmp_path / "new.txt", "not bytes")
+    assert _names(tmp_path) == ["t.txt"]  # no target made, no temporary left
+    with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "never.txt"):
+        pass  # a writer that wrote nothing is an error, not an empty file
+    assert _names(tmp_path) == ["t.txt"]
+
+
+def _hammer_and_read(target, writers: list, seconds_limit: float = 60) -> int:
+    """Read `target` while the writers run; every read must be one writer's whole content."""
+    reads, deadline = 0, time.monotonic() + seconds_limit
+    while any(w.is_alive() if hasattr(w, "is_alive") else w.poll() is None for w in writers):
+        assert time.monotonic() < deadline, "writers did not finish"
+        if target.exists():
+            assert _whole(target.read_bytes(), len(writers))
+            reads += 1
+    return reads
+
+
+def test_concurrent_threads_write_one_target(tmp_path):
+    target, errors = tmp_path / "shared.bin", []
+    start = threading.Barrier(5)  # four writers and the reader
+
+    def write(i: int) -> None:
+        try:
+            start.wait()
+            for _ in range(15):
+                atomic_write_bytes(target, bytes([65 + i]) * SIZE)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    start.wait()
+    reads = _hammer_and_read(target, threads)
+    for t in threads:
+        t.join()
+    assert errors == [] and reads > 0
+    assert _whole(target.read_bytes(), 4) and _names(tmp_path) == ["shared.bin"]
+
+
+WRITER = """
+import sys
+from pipeline.atomic import atomic_write_bytes
+target, byte, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+import os, time
+while not os.path.exists(go):
+    time.sleep(0.001)
+for _ in range(30):
+    atomic_write_bytes(target, bytes([byte]) * {size})
+"""
+
+
+def test_concurrent_processes_write_one_target(tmp_path):
+    target, go = tmp_path / "out" / "shared.bin", tmp_path / "go"
+    target.parent.mkdir()
+    code = WRITER.format(size=SIZE)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(target), str(65 + i), str(go)], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    go.touch()  # both start writing together
+    _hammer_and_read(target, procs)
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read()
+    assert _whole(target.read_bytes(), 2) and _names(target.parent) == ["shared.bin"]
+
+
+# --- the search index cache --------------------------------------------------------------------------------
+
+def _features(root):
+    """A features folder of two small shards, written as extract writes them."""
+    from pipeline import write as W
+
+    for index in range(2):
+        data = W.ShardData(index)
+        for j in range(3):
+            n = 2 + j
+            data.videos.append({"video_id": f"v{index}{j}.mp4", "path": f"/v{index}{j}.mp4", "duration": float(n),
+                                "num_frames": n, "frame_start": sum(2 + k for k in range(j)),
+                                "status": S.STATUS_OK, "error": "", "shard": index})
+            data.frames.append(np.random.default_rng(10 * index + j).normal(size=(n, 8)).astype("float16"))
+            data.frame_times.append(np.arange(n, dtype="float32") + 0.5)
+        W.write_shard(root, data, np.eye(8, 4, dtype="float32"), np.eye(6, 4, dtype="float32"),
+                      {"model": "m", "pretrained": "p"})
+    return root
+
+
+def test_concurrent_index_builds_of_one_features_folder(tmp_path, monkeypatch, caplog):
+    """Several searches build the coarse index of the same folder at once: none fails or skips the cache,
+    each gets the right embeddings, and the cache left behind is whole and current."""
+    from pipeline.read import FeatureStore
+    from workflows import search as W
+
+    root = _features(tmp_path / "features")
+    expected = W._build(FeatureStore(root), "videos")
+    real_save = np.save
+
+    def slow_save(*args, **kwargs):  # hold every writer between its write and its rename
+        real_save(*args, **kwargs)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(np, "save", slow_save)
+    caplog.set_level(logging.WARNING, logger=W.__name__)
+    for _ in range(3):
+        (root / W.INDEX_DIR / "coarse_videos.json").unlink(missing_ok=True)  # stale: every search rebuilds
+        start, results, errors = threading.Barrier(4), [], []
+
+        def search() -> None:
+            try:
+                store = FeatureStore(root)
+                start.wait()
+                results.append(W.coarse_index(store, "videos"))
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=search) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and len(results) == 4
+        for emb, _ in results:
+            np.testing.assert_array_equal(emb, expected)
+    assert not [r for r in caplog.records if "not cached" in r.getMessage()]
+    assert _names(root / W.INDEX_DIR) == ["coarse_videos.json", "coarse_videos.npy"]
+    emb, cached = W.coarse_index(FeatureStore(root), "videos")
+    assert cached and np.array_equal(emb, expected)
+
+
+def test_index_cache_is_rebuilt_when_its_array_is_not_the_one_its_meta_names(tmp_path):
+    """Two builds of different keys racing can leave one's array beside the other's meta: not used."""
+    from pipeline.read import FeatureStore
+    from workflows import search as W
+
+    root = _features(tmp_path / "features")
+    emb, cached = W.coarse_index(FeatureStore(root), "videos")
+    assert not cached and W.coarse_index(FeatureStore(root), "videos")[1]
+    array = root / W.INDEX_DIR / "coarse_videos.npy"
+    atomic_write_bytes(array, array.read_bytes())  # the same bytes, but another file than meta names
+    again, cached = W.coarse_index(FeatureStore(root), "videos")
+    assert not cached and np.array_equal(again, emb)
+    (root / W.INDEX_DIR / "coarse_videos.json").write_text('{"key": ')  # torn: rebuilt, not a crash
+    assert not W.coarse_index(FeatureStore(root), "videos")[1]
+
+
+# --- heads/trainer.py's own copy (heads/ does not import pipeline/) --------------------------------------
+
+def test_checkpoint_saves_concurrently_leave_one_whole_checkpoint(tmp_path):
+    import torch
+
+    from heads.trainer import _save
+
+    target, errors = tmp_path / "last.pt", []
+
+    def save(i: int) -> None:
+        try:
+            for _ in range(5):
+                _save({"who": i, "w": torch.full((SIZE // 4,), float(i))}, target)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and _names(tmp_path) == ["last.pt"]
+    ckpt = torch.load(target, weights_only=True)
+    assert torch.equal(ckpt["w"], torch.full((SIZE // 4,), float(ckpt["who"])))
