@@ -67,7 +67,12 @@ def load_clip(spec: ModelSpec):
             warnings.simplefilter("ignore")
             # Random weights are seeded: every worker and every rerun must build the same model.
             torch.manual_seed(0)
-            model = open_clip.create_model(spec.model, pretrained=pretrained, device=spec.device)
+            local = pretrained is not None and Path(pretrained).is_file()
+            model = open_clip.create_model(spec.model, pretrained=None if local else pretrained, device=spec.device)
+            if local:
+                # our own call, with weights_only spelled out: a checkpoint holding pickled code is refused
+                # here whatever torch's or open_clip's defaults are
+                open_clip.load_checkpoint(model, pretrained, weights_only=True, device=spec.device)
     except Exception as e:  # offline, unknown tag, unreadable checkpoint: all end the same way
         raise WeightsError(
             f"could not load weights '{spec.pretrained}' for model {spec.model}"

@@ -659,6 +659,16 @@ def test_pickled_code_in_a_checkpoint_is_never_executed(tmp_path, small_set):
                   "--pretrained", str(evil), "--cluster", "none", "--quiet")
     assert res.returncode == 2 and "could not load weights" in res.stderr
     assert not marker.exists()
+    # Refused by our own call (weights_only=True spelled out), not by a default: with torch told to load
+    # pickles whenever a caller does not say otherwise, the checkpoint is still refused.
+    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        res = run_cli("extract", str(small_set), "--out", str(tmp_path / "out2"), "--model", "ViT-Tiny-16",
+                      "--pretrained", str(evil), "--cluster", "none", "--quiet")
+    finally:
+        del os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"]
+    assert res.returncode == 2 and "could not load weights" in res.stderr
+    assert not marker.exists()
     from heads.trainer import load_head
 
     torch.save({"model": _Payload(marker), "head_config": {}}, tmp_path / "last.pt")
