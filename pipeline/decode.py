@@ -26,10 +26,17 @@ import ffmpeg
 import numpy as np
 
 # Slot k is filled by the first frame at or after k + 0.5 s; ld(0) holds the next free slot.
-_SELECT_CENTRES = "if(gte(t,ld(0)+0.5),st(0,floor(t-0.5)+1)*0+1,0)"
+# A frame in the first half of its second stands for the second before only when the frame before
+# it lay in that second (a low frame rate); after a gap it does not, so an empty second is never
+# filled and the second after the gap is not taken twice. ld(1): the second of the previous frame.
+_SELECT_CENTRES = ("if(gte(t,ld(0)+0.5)*(gte(t-floor(t),0.5)+eq(floor(t),ld(1)+1)),st(0,floor(t-0.5)+1)*0+1,0)"
+                   "+st(1,floor(t))*0")
 _DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
 _PTS_TIME = re.compile(r"Parsed_showinfo.*?pts_time:\s*(-?[\d.]+)")
 _INPUT_FORMAT = re.compile(r"Input #0, ([\w,]+), from")
+# Damaged input: an error-level line ("-loglevel level+..." tags each line), or a warning that a packet or
+# a decoded frame is corrupt; ffmpeg logs them and goes on, and still exits 0.
+_DAMAGE = re.compile(r"\[(?:error|fatal|panic)\] |\[warning\] .*corrupt", re.I)
 # Demuxers that mean "this is a still image, not a video".
 _IMAGE_FORMATS = ("image2", "_pipe")
 
@@ -95,7 +102,9 @@ def ffmpeg_args(path: Path, size: int, squash: bool, select: str, max_frames: in
     out_kwargs = {"format": "image2pipe", "vcodec": "ppm", "pix_fmt": "rgb24", "fps_mode": "passthrough"}
     if max_frames:
         out_kwargs["frames:v"] = max_frames
-    args = ffmpeg.output(video, "pipe:1", **out_kwargs).global_args("-hide_banner", "-loglevel", "info", "-threads", "1").get_args()
+    # "level+": each line of the log names its level, so that errors are told apart (see _DAMAGE)
+    args = ffmpeg.output(video, "pipe:1", **out_kwargs).global_args("-hide_banner", "-loglevel", "level+info",
+                                                                    "-threads", "1").get_args()
     return [ffmpeg_exe(), *args]
 
 
@@ -144,6 +153,7 @@ class _Ffmpeg:
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, bufsize=1 << 20)
         self.stderr: deque[str] = deque(maxlen=200)
+        self.errors, self.first_error = 0, ""  # lines that say the input is damaged (_DAMAGE)
         self.times: list[float] = []
         self.duration = float("nan")
         self.input_format = ""
@@ -167,6 +177,9 @@ class _Ffmpeg:
                 self.duration = int(h) * 3600 + int(mi) * 60 + float(s)
             if m := _INPUT_FORMAT.search(line):
                 self.input_format = m.group(1)
+            if _DAMAGE.search(line):
+                self.errors += 1
+                self.first_error = self.first_error or line
             self.stderr.append(line)
 
     def _watch(self, stall_timeout: float) -> None:
@@ -241,4 +254,8 @@ def _run(path: Path, args: list[str], stall_timeout: float, result: DecodeResult
             result.warning = message
         else:  # frames came out before the error (a broken packet): keep them, say so
             result.warning = f"partial decode: {message}"
+    elif proc.errors and count:  # decoded to the end, but past damaged data: keep the frames, say so
+        first = re.sub(r"^(\[[^]]*\] )+", "", proc.first_error.strip())
+        result.warning = (f"partial decode: {path}: ffmpeg reported {proc.errors} decoding error(s), "
+                          f"frames may be missing or damaged (first: {first})")
     return count

@@ -196,9 +196,10 @@ class FeatureStore:
             k_rows = self._array(pos, S.H5_KEYWORD_INDEX)[r["row_in_shard"]]
             k_rows = k_rows[k_rows >= 0]
             if len(k_rows):
-                # h5py wants increasing indices: read sorted, then put back in the caption's keyword order
-                out["keywords"][b, :len(k_rows)] = \
-                    self._array(pos, S.H5_KEYWORDS)[np.sort(k_rows)][np.argsort(np.argsort(k_rows))]
+                # h5py wants strictly increasing indices: read each row once, sorted, then put them back in
+                # the caption's keyword order (a row named twice comes back twice)
+                rows, order = np.unique(k_rows, return_inverse=True)
+                out["keywords"][b, :len(k_rows)] = self._array(pos, S.H5_KEYWORDS)[rows][order]
                 out["keyword_mask"][b, :len(k_rows)] = True
         return out
 
