@@ -4,20 +4,9 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-import pytest
 import torch
 
-from tests.conftest import run_cli, tiny_extract_args
-
-
-@pytest.fixture(scope="module")
-def synthetic_features(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    res = run_cli("make-synthetic", str(root / "videos"), "--videos", "30", "--seed", "0")
-    assert res.returncode == 0, res.stderr
-    res = run_cli(*tiny_extract_args(root / "videos", root / "features", "--cluster", "none"))
-    assert res.returncode == 0, res.stderr
-    return root / "features"
+from tests.conftest import run_cli  # synthetic_features: the session fixture of conftest.py
 
 
 def train_args(features, out, *extra):
