@@ -151,6 +151,8 @@ def train_heads(
                                "weighted (a learnt convex mix)."),
     loss_terms: str = typer.Option("fused", help="fused: InfoNCE on the joined score | each: also on the fine and "
                                    "the coarse score alone (deep supervision)."),
+    checkpoint_every: float = typer.Option(30.0, min=0.0, help="Seconds between last.pt checkpoints (always after "
+                                           "the last epoch); 0: after every epoch."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     amp: str = typer.Option("none", help="Mixed precision on CUDA: none (fp32, the default: with bf16, 9 of 33 "
@@ -186,7 +188,7 @@ def train_heads(
         cfg = RunConfig(features=str(features.resolve()), head=head,
                         train=TrainConfig(epochs=epochs or 0, lr=lr, temporal_lr=temporal_lr,
                                           weight_decay=weight_decay, warmup=warmup,
-                                          seed=seed, device=dev, amp=amp),
+                                          seed=seed, device=dev, amp=amp, checkpoint_every=checkpoint_every),
                         batch_size=batch_size, max_words=max_words, val_split=val_split)
         train(cfg, out, resume=resume, min_steps=min_steps)
     except (FeaturesError, ValueError) as e:

@@ -2,6 +2,7 @@
 concurrent writers never share one; and the writers that use it (the search index cache, checkpoints)."""
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -142,16 +143,16 @@ def test_concurrent_index_builds_of_one_features_folder(tmp_path, monkeypatch, c
 
     root = _features(tmp_path / "features")
     expected = W._build(FeatureStore(root), "videos")
-    real_save = np.save
+    real_savez = np.savez
 
-    def slow_save(*args, **kwargs):  # hold every writer between its write and its rename
-        real_save(*args, **kwargs)
+    def slow_savez(*args, **kwargs):  # hold every writer between its write and its rename
+        real_savez(*args, **kwargs)
         time.sleep(0.05)
 
-    monkeypatch.setattr(np, "save", slow_save)
+    monkeypatch.setattr(np, "savez", slow_savez)
     caplog.set_level(logging.WARNING, logger=W.__name__)
     for _ in range(3):
-        (root / W.INDEX_DIR / "coarse_videos.json").unlink(missing_ok=True)  # stale: every search rebuilds
+        (root / W.INDEX_DIR / "coarse_videos.npz").unlink(missing_ok=True)  # gone: every search rebuilds
         start, results, errors = threading.Barrier(4), [], []
 
         def search() -> None:
@@ -171,25 +172,30 @@ def test_concurrent_index_builds_of_one_features_folder(tmp_path, monkeypatch, c
         for emb, _ in results:
             np.testing.assert_array_equal(emb, expected)
     assert not [r for r in caplog.records if "not cached" in r.getMessage()]
-    assert _names(root / W.INDEX_DIR) == ["coarse_videos.json", "coarse_videos.npy"]
+    assert _names(root / W.INDEX_DIR) == ["coarse_videos.npz"]
     emb, cached = W.coarse_index(FeatureStore(root), "videos")
     assert cached and np.array_equal(emb, expected)
 
 
-def test_index_cache_is_rebuilt_when_its_array_is_not_the_one_its_meta_names(tmp_path):
-    """Two builds of different keys racing can leave one's array beside the other's meta: not used."""
+def test_index_cache_is_one_file_rebuilt_when_stale_or_torn(tmp_path):
+    """Embeddings and their description share one file (one atomic rename): a cache built from other
+    inputs, or a torn file, is rebuilt, never used and never a crash."""
     from pipeline.read import FeatureStore
     from workflows import search as W
 
     root = _features(tmp_path / "features")
     emb, cached = W.coarse_index(FeatureStore(root), "videos")
     assert not cached and W.coarse_index(FeatureStore(root), "videos")[1]
-    array = root / W.INDEX_DIR / "coarse_videos.npy"
-    atomic_write_bytes(array, array.read_bytes())  # the same bytes, but another file than meta names
+    path = root / W.INDEX_DIR / "coarse_videos.npz"
+    meta = np.frombuffer(json.dumps({"key": "another build", "ids": []}).encode(), np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, emb=emb * 2, meta=meta)
     again, cached = W.coarse_index(FeatureStore(root), "videos")
     assert not cached and np.array_equal(again, emb)
-    (root / W.INDEX_DIR / "coarse_videos.json").write_text('{"key": ')  # torn: rebuilt, not a crash
-    assert not W.coarse_index(FeatureStore(root), "videos")[1]
+    path.write_bytes(path.read_bytes()[:100])  # torn
+    again, cached = W.coarse_index(FeatureStore(root), "videos")
+    assert not cached and np.array_equal(again, emb)
+    assert W.coarse_index(FeatureStore(root), "videos")[1]
 
 
 # --- heads/trainer.py's own copy (heads/ does not import pipeline/) --------------------------------------

@@ -337,7 +337,7 @@ def test_train_heads_resume_after_kill_gives_identical_weights(tmp_path):
     res = run_cli(*tiny_extract_args(tmp_path / "syn", features, "--cluster", "none"))
     assert res.returncode == 0, res.stderr
     train = ["train-heads", "--features", str(features), "--device", "cpu", "--epochs", "4", "--batch-size", "8",
-             "--seed", "0", "--temporal-layers", "1", "--max-frames", "4"]
+             "--seed", "0", "--temporal-layers", "1", "--max-frames", "4", "--checkpoint-every", "0"]
     res = run_cli(*train, "--out", str(tmp_path / "whole"))
     assert res.returncode == 0, res.stderr
 

@@ -59,7 +59,7 @@ def test_text_search_with_run_and_html_page(features, run, tmp_path):
         assert np.isclose(store.frame_times(v), second, atol=0.051).any(), (path, second)
     for stage in ("load", "encode query", "index (built)", "stage 1: coarse", "stage 2: full head"):
         assert stage in res.stdout
-    assert (features / "index" / "coarse_videos.npy").exists()
+    assert (features / "index" / "coarse_videos.npz").exists()
     text = page.read_text()
     assert text.count('data-rank="') == 3 and all(path in text for *_, path in rows)
 

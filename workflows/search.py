@@ -20,6 +20,7 @@ import logging
 import os
 import subprocess
 import time
+import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -180,39 +181,34 @@ def coarse_index(store: FeatureStore, kind: str = "videos") -> tuple[np.ndarray,
     """
     folder = store.root / INDEX_DIR
     key = _fingerprint(store, kind)
-    array, meta = folder / f"coarse_{kind}.npy", folder / f"coarse_{kind}.json"
+    path = folder / f"coarse_{kind}.npz"
     ids = [v["video_id"] for v in store.videos] if kind == "videos" else [c["caption_id"] for c in store.captions]
-    cached = _load_cached(array, meta, {"key": key, "ids": ids})
+    cached = _load_cached(path, {"key": key, "ids": ids})
     if cached is not None:
         return cached, True
     emb = _build(store, kind)
     try:  # a read-only features folder still searches, only without the cache
         folder.mkdir(exist_ok=True)
-        # Each search writes under its own temporary names, so concurrent builds never collide.
-        with atomic_path(array) as tmp:
-            np.save(tmp, emb)
-            written = _file_stamp(os.stat(tmp))  # a rename keeps inode, size and mtime
-        atomic_write_text(meta, json.dumps({"key": key, "ids": ids, "array": written}))
+        # One file holds the embeddings and what they were built from, so one atomic rename replaces both:
+        # concurrent builds (each under its own temporary name) can never leave one's array beside
+        # another's description.
+        meta = np.frombuffer(json.dumps({"key": key, "ids": ids}).encode(), np.uint8)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, emb=emb, meta=meta)
     except OSError as e:
         log.warning("coarse index not cached in %s: %s", folder, e)
     return emb, False
 
 
-def _file_stamp(st: os.stat_result) -> list[int]:
-    return [st.st_ino, st.st_size, st.st_mtime_ns]
-
-
-def _load_cached(array: Path, meta: Path, expected: dict) -> np.ndarray | None:
-    """The cached embeddings when meta matches `expected` and names this very array file: two builds
-    of different keys racing could otherwise leave one's array beside the other's meta."""
+def _load_cached(path: Path, expected: dict) -> np.ndarray | None:
+    """The cached embeddings when the file's description matches `expected`, else None (rebuilt)."""
     try:
-        saved = json.loads(meta.read_text())
-        with open(array, "rb") as f:
-            if any(saved.get(k) != v for k, v in expected.items()) \
-                    or saved.get("array") != _file_stamp(os.fstat(f.fileno())):
+        with np.load(path, allow_pickle=False) as z:
+            saved = json.loads(z["meta"].tobytes())
+            if any(saved.get(k) != v for k, v in expected.items()):
                 return None
-            return np.load(f)
-    except (OSError, ValueError):  # absent, or unreadable: built again
+            return z["emb"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent, torn or foreign: built again
         return None
 
 
