@@ -8,7 +8,9 @@ import json
 import statistics
 from pathlib import Path
 
-from pipeline.atomic import atomic_path, atomic_write_text
+from pipeline.atomic import atomic_write_text
+
+from .figures import pyplot, save_figure
 
 METRICS = ("R1", "R5", "R10", "MdR", "MnR")
 LABELS = {"R1": "R@1", "R5": "R@5", "R10": "R@10", "MdR": "MdR", "MnR": "MnR"}
@@ -105,9 +107,7 @@ def _run_rows(results: list[dict]) -> list[dict]:
 
 def draw_table(summary: dict, path: Path) -> None:
     """t2v and v2t R@1 per row, std error bars, chance as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     table = summary["table"]
     x = list(range(len(table)))
@@ -124,11 +124,7 @@ def draw_table(summary: dict, path: Path) -> None:
     ax.set(ylabel=f"{summary['split']} R@1 (%)", title=f"R@1, mean ± std over {len(summary['seeds'])} seed(s)")
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_outputs(out: Path, summary: dict) -> None:

@@ -15,11 +15,12 @@ from heads.config import HeadConfig
 from heads.evaluate import rank_all
 from heads.model import RetrievalHead
 from heads.trainer import TrainConfig, fit
-from pipeline.atomic import atomic_path, atomic_write_text
+from pipeline.atomic import atomic_write_text
 from pipeline.read import FeatureStore
 from pipeline.schema import CLIP_BLOCKS_FILE
 
 from .data import EvalData, TrainData
+from .figures import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,7 @@ def build_head(cfg: HeadConfig, store: FeatureStore) -> RetrievalHead:
 
 def draw_curves(history: list[dict], path: Path) -> None:
     """Loss and R@1 against epoch, side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [r["epoch"] + 1 for r in history]
     fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -94,11 +93,7 @@ def draw_curves(history: list[dict], path: Path) -> None:
     else:
         ax_r1.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax_r1.transAxes)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def _write_metrics(history: list[dict], path: Path) -> None:
