@@ -62,6 +62,10 @@ def extract(
     keyword_length: int = typer.Option(1, min=1, help="Words per keyword (L)."),
     keyword_model: str = typer.Option("auto", help="sentence-transformers model for KeyBERT (name or folder)."),
     keyword_lang: str = typer.Option("en", help="Caption language for stop words and lemmas."),
+    cache_blocks: int = typer.Option(0, min=0, help="Also cache the tokens entering each CLIP tower's last K "
+                                     "blocks (and those blocks' weights), so the heads can train them; 0: none."),
+    cache_frames: int = typer.Option(32, min=1, help="With --cache-blocks: at most this many of a video's 1 FPS "
+                                     "frames (uniform) get cached tokens; every frame keeps its feature."),
     scheduler: Optional[str] = typer.Option(None, help="Join a running Dask scheduler (tcp://HOST:PORT)."),
     cluster: str = typer.Option("local", help="local | slurm | none (in-process, no Dask)."),
     cluster_config: Optional[Path] = typer.Option(None, help="JSON/YAML options for --cluster slurm."),
@@ -74,7 +78,8 @@ def extract(
     _setup_logging(verbose)
     from pipeline.captions import default_captions_file
     from pipeline.config import ExtractConfig
-    from pipeline.encode import ModelSpec, WeightsError, load_clip, resolve_device
+    from pipeline.clip_init import tail_state
+    from pipeline.encode import CacheBlocksError, ModelSpec, WeightsError, load_clip, resolve_device
     from pipeline.distributed import ClusterError
     from pipeline.extract import ExtractError, exit_code, extract as run_extract
     from pipeline.keywords import KeywordSpec
@@ -87,9 +92,13 @@ def extract(
     try:
         dev = resolve_device(device)
         spec = ModelSpec(model=model, pretrained=pretrained, device=dev)
-        load_clip(ModelSpec(model=model, pretrained=pretrained, device="cpu"))  # fail now, not in a worker
+        loaded = load_clip(ModelSpec(model=model, pretrained=pretrained, device="cpu"))  # fail now, not in a worker
+        if cache_blocks:
+            tail_state(loaded, cache_blocks)  # a tower layout the cached tail cannot reproduce stops here too
     except WeightsError as e:
         _fail(str(e))
+    except CacheBlocksError as e:
+        _fail(f"{model}: {e}")
     if pretrained.lower() == "none":
         typer.secho(f"WARNING: random weights for {model} (--pretrained none): features are for "
                     "tests and smoke runs only, not for retrieval.", fg=typer.colors.YELLOW, bold=True, err=True)
@@ -99,7 +108,8 @@ def extract(
         keywords=KeywordSpec(model=keyword_model, top_k=keywords, max_words=keyword_length, lang=keyword_lang),
         batch_size=batch_size, shard_size=shard_size, decode_threads=decode_threads,
         decode_timeout=decode_timeout, workers=workers or _default_workers(dev), scheduler=scheduler, cluster=cluster,
-        cluster_config=str(cluster_config) if cluster_config else None, strict=strict)
+        cluster_config=str(cluster_config) if cluster_config else None, strict=strict,
+        cache_blocks=cache_blocks, cache_frames=cache_frames)
     if captions is None:
         typer.echo("no captions file: extracting video features only")
     try:

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import schema as S
 from .encode import ModelSpec
 from .keywords import KeywordSpec
 
@@ -25,12 +26,19 @@ class ExtractConfig:
     cluster: str = "local"                        # local | slurm | none (in-process, no Dask)
     cluster_config: str | None = None             # YAML/JSON options for --cluster slurm
     strict: bool = False                          # any failure -> non-zero exit code
+    cache_blocks: int = 0                         # K > 0: also cache the tokens entering each tower's last K blocks
+    cache_frames: int = S.DEFAULT_CACHE_FRAMES    # at most this many frames per video get cached tokens (uniform)
 
     # Settings that change the features: a change means the shards must be redone.
     def feature_settings(self) -> dict:
         return {"clip": {"model": self.clip.model, "pretrained": self.clip.pretrained},
                 "keywords": {"model": self.keywords.model, "top_k": self.keywords.top_k,
                              "max_words": self.keywords.max_words, "lang": self.keywords.lang}}
+
+    # What the token caches depend on; None without caches, so that a folder extracted before they existed
+    # keeps its fingerprints (and is not redone) when K stays 0.
+    def cache_settings(self) -> dict | None:
+        return {"blocks": self.cache_blocks, "frames": self.cache_frames} if self.cache_blocks > 0 else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

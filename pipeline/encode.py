@@ -26,6 +26,11 @@ class WeightsError(RuntimeError):
     """Weights that cannot be loaded; raised before any work starts."""
 
 
+class CacheBlocksError(ValueError):
+    """A --cache-blocks request this model cannot serve (too many blocks, a tower layout the cached
+    tail cannot reproduce); raised before any work starts."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which CLIP to load and where to run it; small and picklable, sent to every worker."""
@@ -143,16 +148,47 @@ def split_projections(model) -> tuple[torch.Tensor, torch.Tensor]:
     return image_proj, text.text_projection.detach().float().cpu().clone()
 
 
-def image_features(visual, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) normalised pixels -> (B, Dv) image-tower output before projection."""
-    return visual(pixels)
+@contextlib.contextmanager
+def capture_block_input(transformer, cache_blocks: int):
+    """Record what enters the last `cache_blocks` residual blocks of an open_clip Transformer.
+
+    A forward pre-hook on block L - K sees exactly the sequence the remaining K blocks get, whatever
+    open_clip does before it (embeddings, patch dropout, ln_pre, masks), so the tower's own forward stays
+    the one that runs. Yields a list that holds the (B, N, D) input after the forward."""
+    blocks = transformer.resblocks
+    if not 1 <= cache_blocks <= len(blocks):
+        raise CacheBlocksError(f"--cache-blocks {cache_blocks}: the tower has {len(blocks)} blocks "
+                               f"(choose 1..{len(blocks)})")
+    box: list[torch.Tensor] = []
+    batch_first = getattr(transformer, "batch_first", False)  # older open_clip runs blocks on (N, B, D)
+
+    def hook(_module, args):
+        box.append(args[0] if batch_first else args[0].transpose(0, 1))
+
+    handle = blocks[len(blocks) - cache_blocks].register_forward_pre_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
 
 
-def text_features(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids (B, 77) -> global (B, Dt), tokens (B, L, Dt), lengths (B,), before projection.
+def image_features(visual, pixels: torch.Tensor, cache_blocks: int = 0):
+    """(B, 3, S, S) normalised pixels -> (B, Dv) image-tower output before projection; with
+    cache_blocks = K also the (B, N, Dv) tokens entering the tower's last K blocks."""
+    if not cache_blocks:
+        return visual(pixels)
+    with capture_block_input(visual.transformer, cache_blocks) as box:
+        pooled = visual(pixels)
+    return pooled, box[0]
+
+
+def text_features(model, ids: torch.Tensor, cache_blocks: int = 0):
+    """Token ids (B, 77) -> global (B, Dt), tokens (B, L, Dt), lengths (B,), before projection;
+    with cache_blocks = K also the (B, L, Dt) tokens entering the tower's last K blocks.
 
     The tower runs only up to the longest caption's EOT: with a causal mask no token
-    attends to anything after it, so the result equals the full 77-token pass.
+    attends to anything after it, so the result equals the full 77-token pass (and a
+    caption's block input cut at its own EOT is all its later blocks ever see).
     """
     tower = _text_tower(model)
     eot = ids.argmax(dim=-1)                                   # (B,) EOT has the largest id
@@ -160,9 +196,13 @@ def text_features(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     ids = ids[:, :length]                                      # (B, L)
     cast = tower.transformer.get_cast_dtype()
     x = tower.token_embedding(ids).to(cast) + tower.positional_embedding[:length].to(cast)  # (B, L, Dt)
-    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+    with (capture_block_input(tower.transformer, cache_blocks) if cache_blocks
+          else contextlib.nullcontext([])) as box:
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
     x = tower.ln_final(x)                                      # (B, L, Dt)
     pooled = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, Dt)
+    if cache_blocks:
+        return pooled, x, eot + 1, box[0]
     return pooled, x, eot + 1
 
 
@@ -197,21 +237,46 @@ class ClipEncoder:
     def embed_dim(self) -> int:
         return int(self.image_proj.shape[1])
 
+    @property
+    def image_layers(self) -> int:
+        return len(self.model.visual.transformer.resblocks)
+
+    @property
+    def text_layers(self) -> int:
+        return len(_text_tower(self.model).transformer.resblocks)
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens per frame in the image tower: patches + CLS (50 for ViT-B/32)."""
+        return int(self.model.visual.positional_embedding.shape[0])
+
     def _autocast(self):
         if self.use_amp:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    @torch.inference_mode()
-    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
-        """(B, S, S, 3) uint8 RGB crops -> (B, Dv) float16."""
+    def _pixels(self, frames: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(frames)
         if self.device.type == "cuda":  # uint8 over the bus is 4x less than float
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std  # (B, 3, S, S)
+        return (x.permute(0, 3, 1, 2).float() - self.mean) / self.std  # (B, 3, S, S)
+
+    @torch.inference_mode()
+    def encode_frames(self, frames: np.ndarray) -> np.ndarray:
+        """(B, S, S, 3) uint8 RGB crops -> (B, Dv) float16."""
+        x = self._pixels(frames)
         with self._autocast():
             out = image_features(self.model.visual, x)
         return out.float().cpu().numpy().astype(np.float16)
+
+    @torch.inference_mode()
+    def encode_frames_cached(self, frames: np.ndarray, cache_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, S, S, 3) uint8 crops -> (B, Dv) float16 features and the (B, N, Dv) float16 tokens that
+        enter the image tower's last cache_blocks blocks (N = patches + CLS: 50 for ViT-B/32)."""
+        x = self._pixels(frames)
+        with self._autocast():
+            out, tokens = image_features(self.model.visual, x, cache_blocks)
+        return _half(out), _half(tokens)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts, context_length=self.context_length)
@@ -224,6 +289,21 @@ class ClipEncoder:
             pooled, tokens, lengths = text_features(self.model, ids)
         tokens = tokens.float().cpu().numpy().astype(np.float16)
         return pooled.float().cpu().numpy().astype(np.float16), [t[:n] for t, n in zip(tokens, lengths.tolist())]
+
+    @torch.inference_mode()
+    def encode_texts_cached(self, texts: list[str], cache_blocks: int):
+        """As encode_texts, plus per text the (L_i, Dt) float16 tokens that enter the text tower's last
+        cache_blocks blocks, cut at the text's own EOT like its output tokens."""
+        ids = self.tokenize(texts).to(self.device)
+        with self._autocast():
+            pooled, tokens, lengths, block_in = text_features(self.model, ids, cache_blocks)
+        n = lengths.tolist()
+        tokens, block_in = _half(tokens), _half(block_in)
+        return _half(pooled), [t[:k] for t, k in zip(tokens, n)], [b[:k] for b, k in zip(block_in, n)]
+
+
+def _half(x: torch.Tensor) -> np.ndarray:
+    return x.float().cpu().numpy().astype(np.float16)
 
 
 def center_crop(frame: np.ndarray, size: int) -> np.ndarray:

@@ -87,7 +87,7 @@ def _check_previous(cfg: ExtractConfig, overwrite: bool) -> None:
     if overwrite:
         shutil.rmtree(out / S.SHARDS_DIR, ignore_errors=True)
         for name in (S.PLAN_FILE, S.MANIFEST_FILE, S.ALL_CAPTIONS_FILE, S.FAILURES_FILE, S.SUMMARY_FILE,
-                     S.CLIP_BLOCKS_FILE):
+                     S.CLIP_BLOCKS_FILE, S.CLIP_TAIL_FILE):
             (out / name).unlink(missing_ok=True)
         return
     previous = out / S.CONFIG_FILE
@@ -102,13 +102,40 @@ def _check_previous(cfg: ExtractConfig, overwrite: bool) -> None:
                            f"{json.dumps(cfg.feature_settings())}; use another --out, or --overwrite")
 
 
-def _write_clip_blocks(cfg: ExtractConfig) -> None:
-    """CLIP's first text blocks for the heads' temporal encoder (pipeline/clip_init.py); loaded on the CPU."""
-    from .clip_init import save_text_blocks
-    from .encode import ModelSpec, load_clip
+def _tail_attrs(cfg: ExtractConfig) -> dict:
+    """What the saved tail must match besides K: the model, its weights tag and, for a local file, its stamp."""
+    return {"model": cfg.clip.model, "pretrained": cfg.clip.pretrained,
+            "checkpoint": encoder_sources(cfg).get("checkpoint")}
 
+
+def _write_clip_files(cfg: ExtractConfig) -> None:
+    """CLIP weights saved beside the shards (pipeline/clip_init.py), loaded once on the CPU when one is due:
+    the first text blocks for the heads' temporal encoder (written when missing, also over a folder made
+    before they existed), and with --cache-blocks K the towers' tails (rewritten when K or the weights
+    changed; removed when K is 0, as the shards will hold no tokens for them)."""
+    from .clip_init import save_tail, save_text_blocks, tail_file_info
+    from .encode import CacheBlocksError, ModelSpec, load_clip
+
+    out = cfg.out_path
+    tail = out / S.CLIP_TAIL_FILE
+    want_blocks = not (out / S.CLIP_BLOCKS_FILE).exists()
+    want_tail = False
+    if cfg.cache_blocks:
+        info = tail_file_info(tail) or {}
+        want_tail = (info.get("cache_blocks"), {k: info.get(k) for k in _tail_attrs(cfg)}) != \
+            (cfg.cache_blocks, _tail_attrs(cfg))
+    else:
+        tail.unlink(missing_ok=True)
+    if not (want_blocks or want_tail):
+        return
     model = load_clip(ModelSpec(model=cfg.clip.model, pretrained=cfg.clip.pretrained, device="cpu"))
-    save_text_blocks(model, cfg.out_path, {"model": cfg.clip.model, "pretrained": cfg.clip.pretrained})
+    if want_tail:
+        try:
+            save_tail(model, cfg.cache_blocks, out, _tail_attrs(cfg))
+        except CacheBlocksError as e:
+            raise ExtractError(f"{cfg.clip.model}: {e}") from None
+    if want_blocks:
+        save_text_blocks(model, out, {"model": cfg.clip.model, "pretrained": cfg.clip.pretrained})
 
 
 def plan_shards(out: Path, videos: list[str], shard_size: int) -> list[list[str]]:
@@ -163,6 +190,8 @@ def encoder_sources(cfg: ExtractConfig) -> dict:
     """What encodes the features, beyond feature_settings' names: a local checkpoint file (path, size,
     modification time); the keyword model is resolved per shard, see _tasks."""
     sources: dict = {"settings": cfg.feature_settings()}
+    if cfg.cache_settings():  # absent at K = 0: the fingerprints of folders made before caches existed hold
+        sources["cache"] = cfg.cache_settings()
     pretrained = cfg.clip.pretrained
     if pretrained.lower() != RANDOM_WEIGHTS and Path(pretrained).exists():  # as load_clip tells a path from a tag
         sources["checkpoint"] = [str(Path(pretrained).resolve()), *(file_stamp(Path(pretrained)) or [])]
@@ -243,11 +272,11 @@ def extract(cfg: ExtractConfig, overwrite: bool = False, progress: bool = True) 
         if not inputs.videos:
             raise ExtractError(f"no video files found in {cfg.videos} "
                                f"(looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
+        _write_clip_files(cfg)  # first: a model that cannot serve --cache-blocks stops the run here
         _atomic_json(out / S.CONFIG_FILE, {"config": cfg.to_dict(), "schema_version": S.SCHEMA_VERSION,
+                                           **({"schema_minor": S.SCHEMA_MINOR} if cfg.cache_blocks else {}),
                                            "versions": _versions()})
         remove_stale_temporaries(out)
-        if not (out / S.CLIP_BLOCKS_FILE).exists():  # also written by a rerun over a folder made before it existed
-            _write_clip_blocks(cfg)
         tasks, todo = _tasks(cfg, inputs)
         skipped = sum(len(t.videos) for t in tasks) - sum(len(t.videos) for t in todo)
         bar = tqdm(total=sum(len(t.videos) for t in todo), unit="video", disable=not progress,

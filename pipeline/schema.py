@@ -19,12 +19,21 @@ An output folder of `extract` looks like this::
 Features are stored *before* CLIP's projections (image tower CLS, text tower tokens after
 ln_final); the projections are stored beside them, so plain CLIP embeddings are one matmul
 away and the trainer may fine-tune the projections without touching a video again.
+
+Versions: SCHEMA_VERSION is the layout every reader needs (a shard of another one is refused);
+SCHEMA_MINOR counts additions a reader of the same version may ignore. 1.0 is the plain shard;
+1.1 adds the token caches of `extract --cache-blocks K` (H5_CACHE_* below, and OUT/clip_tail.safetensors):
+per cached frame the tokens entering the image tower's last K blocks, per caption and per distinct
+keyword the tokens entering the text tower's last K blocks (SOT..EOT: the causal mask makes the cut
+exact), from which heads/clip_tail.py recomputes the stored features. A shard without caches is
+written exactly as 1.0 (no schema_minor attribute), so shards of either kind read everywhere.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
+SCHEMA_MINOR = 1  # written (H5 attribute "schema_minor") only by shards that hold token caches
 
 SHARDS_DIR = "shards"
 SHARD_PREFIX = "shard-"
@@ -44,6 +53,12 @@ LOCK_FILE = ".extract.lock"
 CLIP_BLOCKS_FILE = "clip_text_blocks.safetensors"  # tensors "positional_embedding" (77, Dt) and
 # "resblocks.{i}.{open_clip parameter name}" for i < 4, fp32; metadata "info": JSON with blocks, width,
 # heads, activation ("gelu" | "quick_gelu"), model, pretrained
+CLIP_TAIL_FILE = "clip_tail.safetensors"  # with --cache-blocks K only: fp32 tensors "visual.resblocks.{j}.*"
+# and "text.resblocks.{j}.*" (j < K: blocks L-K..L-1, open_clip parameter names), "visual.ln_post.*",
+# "visual.proj" (Dv, D), "text.ln_final.*", "text.text_projection" (Dt, D); metadata "info": JSON with
+# cache_blocks, model, pretrained and per tower layers, first_block, width, heads, activation, layer_scale,
+# ln_eps (+ visual: pool_type tok|avg, final_ln_after_pool, tokens N, ln_post_eps; text: pool "eot",
+# context_length, ln_final_eps). Read with pipeline/tokens.py, rebuilt by heads/clip_tail.py.
 
 # HDF5 datasets of features.h5. Shapes use: T total frames of the shard, Dv image width
 # before projection, C captions, W total text tokens, Dt text width, V distinct keywords,
@@ -66,6 +81,43 @@ H5_DTYPES = {
 }
 # HDF5 root attributes.
 H5_ATTRS = ("schema_version", "model", "pretrained", "image_dim", "text_dim", "embed_dim")
+
+# Token caches (schema 1.1, `extract --cache-blocks K`; absent otherwise). Tc cached frames (per video a
+# uniform subset of at most --cache-frames of its 1 FPS frames, see cached_frame_indices), N tokens per
+# frame (patches + CLS: 50 for ViT-B/32), Wk total keyword tokens.
+H5_FRAME_BLOCK_TOKENS = "frame_block_tokens"      # (Tc, N, Dv) float16, tokens entering the image tower's
+#                                                   last K blocks, videos in videos.parquet order
+H5_FRAME_BLOCK_ROWS = "frame_block_rows"          # (Tc,) int64, the row in H5_FRAMES (and H5_FRAME_TIMES) of
+#                                                   each cached frame; increasing, so a video's cached frames
+#                                                   are the rows in [frame_start, frame_start + num_frames)
+H5_TEXT_BLOCK_TOKENS = "text_block_tokens"        # (W, Dt) float16, tokens entering the text tower's last K
+#                                                   blocks, row for row with H5_TOKENS (captions.parquet
+#                                                   token_start and num_tokens = SOT..EOT length index both)
+H5_KEYWORD_BLOCK_TOKENS = "keyword_block_tokens"  # (Wk, Dt) float16, the same for each row of H5_KEYWORDS
+H5_KEYWORD_BLOCK_START = "keyword_block_start"    # (V,) int64, first row in H5_KEYWORD_BLOCK_TOKENS
+H5_KEYWORD_BLOCK_LENGTH = "keyword_block_length"  # (V,) int32, SOT..EOT length of each keyword
+H5_CACHE_DTYPES = {
+    H5_FRAME_BLOCK_TOKENS: "float16",
+    H5_FRAME_BLOCK_ROWS: "int64",
+    H5_TEXT_BLOCK_TOKENS: "float16",
+    H5_KEYWORD_BLOCK_TOKENS: "float16",
+    H5_KEYWORD_BLOCK_START: "int64",
+    H5_KEYWORD_BLOCK_LENGTH: "int32",
+}
+# HDF5 root attributes of a shard with caches: schema_minor (= SCHEMA_MINOR), cache_blocks (K), cache_frames
+# (the --cache-frames bound), image_layers and text_layers (blocks of each tower, so blocks L-K.. are cached).
+H5_CACHE_ATTRS = ("schema_minor", "cache_blocks", "cache_frames", "image_layers", "text_layers")
+DEFAULT_CACHE_FRAMES = 32
+
+
+def cached_frame_indices(n_frames: int, limit: int) -> list[int]:
+    """Which of a video's n 1 FPS frames get cached tokens: all when n <= limit, else `limit` spread
+    uniformly (first and last included; the same rule as the trainer's frame sampling)."""
+    import numpy as np
+
+    if n_frames <= limit:
+        return list(range(n_frames))
+    return np.linspace(0, n_frames - 1, num=limit).round().astype(int).tolist()
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"

@@ -38,6 +38,21 @@ class ShardData:
     keyword_features: np.ndarray | None = None             # (V, Dt) float16
     keyword_index: np.ndarray | None = None                # (C, K) int32
     meta: dict = field(default_factory=dict)
+    cache: "TokenCache | None" = None                      # --cache-blocks K > 0 only
+
+
+@dataclass
+class TokenCache:
+    """The token caches of one shard (schema 1.1); see S.H5_CACHE_DTYPES."""
+    blocks: int                                            # K
+    frames_limit: int                                      # --cache-frames
+    image_layers: int
+    text_layers: int
+    frame_shape: tuple[int, int]                           # (N, Dv): tokens per frame and width
+    frame_tokens: list[np.ndarray] = field(default_factory=list)   # per ok video (n_c, N, Dv) float16
+    frame_rows: list[np.ndarray] = field(default_factory=list)     # per ok video (n_c,) rows in S.H5_FRAMES
+    text_tokens: list[np.ndarray] = field(default_factory=list)    # per caption (L_i, Dt), as ShardData.tokens
+    keyword_tokens: list[np.ndarray] = field(default_factory=list)  # per keyword row (L_v, Dt)
 
 
 def _concat(parts: list[np.ndarray], width: int, dtype: str) -> np.ndarray:
@@ -70,6 +85,8 @@ def write_shard(out: Path, data: ShardData, image_proj: np.ndarray, text_proj: n
             h5.create_dataset(S.H5_KEYWORD_INDEX, data=k_index.astype("int32"))
             h5.create_dataset(S.H5_IMAGE_PROJ, data=image_proj.astype("float32"))
             h5.create_dataset(S.H5_TEXT_PROJ, data=text_proj.astype("float32"))
+            if data.cache is not None:
+                _write_cache(h5, data, dt)
         pq.write_table(pa.Table.from_pylist(data.videos, schema=S.VIDEO_SCHEMA), tmp / S.VIDEOS_FILE)
         pq.write_table(pa.Table.from_pylist(data.captions, schema=S.CAPTION_SCHEMA), tmp / S.CAPTIONS_FILE)
         (tmp / S.META_FILE).write_text(json.dumps(data.meta, indent=2))
@@ -93,6 +110,31 @@ def write_shard(out: Path, data: ShardData, image_proj: np.ndarray, text_proj: n
     if replacing:  # garbage now; if this fails, the next run's cleanup deletes it
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_cache(h5: h5py.File, data: ShardData, dt: int) -> None:
+    cache = data.cache
+    if [len(t) for t in cache.text_tokens] != [len(t) for t in data.tokens]:
+        raise ValueError("cached text tokens do not match the captions' tokens row for row")
+    n_keywords = 0 if data.keyword_features is None else len(data.keyword_features)
+    if len(cache.keyword_tokens) != n_keywords:
+        raise ValueError(f"{len(cache.keyword_tokens)} cached keywords for {n_keywords} keyword rows")
+    h5.attrs["schema_minor"] = S.SCHEMA_MINOR
+    h5.attrs["cache_blocks"], h5.attrs["cache_frames"] = cache.blocks, cache.frames_limit
+    h5.attrs["image_layers"], h5.attrs["text_layers"] = cache.image_layers, cache.text_layers
+    n, dv = cache.frame_shape
+    frames = (np.concatenate(cache.frame_tokens).astype("float16") if cache.frame_tokens
+              else np.zeros((0, n, dv), "float16"))
+    h5.create_dataset(S.H5_FRAME_BLOCK_TOKENS, data=frames)
+    rows = np.concatenate(cache.frame_rows).astype("int64") if cache.frame_rows else np.zeros(0, "int64")
+    if len(rows) != len(frames) or np.any(np.diff(rows) <= 0):
+        raise ValueError(f"cached frame rows are not one increasing row per cached frame ({len(rows)} vs {len(frames)})")
+    h5.create_dataset(S.H5_FRAME_BLOCK_ROWS, data=rows)
+    h5.create_dataset(S.H5_TEXT_BLOCK_TOKENS, data=_concat(cache.text_tokens, dt, "float16"))
+    lengths = np.array([len(t) for t in cache.keyword_tokens], "int32")
+    h5.create_dataset(S.H5_KEYWORD_BLOCK_TOKENS, data=_concat(cache.keyword_tokens, dt, "float16"))
+    h5.create_dataset(S.H5_KEYWORD_BLOCK_START, data=(np.cumsum(lengths) - lengths).astype("int64"))
+    h5.create_dataset(S.H5_KEYWORD_BLOCK_LENGTH, data=lengths)
 
 
 def remove_stale_temporaries(out: Path) -> int:

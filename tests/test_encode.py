@@ -69,3 +69,35 @@ def test_unloadable_weights_name_model_and_remedy(tmp_path):
         load_clip(ModelSpec(TINY_MODEL, str(tmp_path / "missing" / "x.pt")))
     with pytest.raises(WeightsError, match="unknown open_clip model"):
         load_clip(ModelSpec("ViT-Nope", "none"))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_cached_text_block_input_cut_at_eot_equals_the_full_pass(encoder, reference, k):
+    """The block input of a caption cut at its own EOT (the cache) is the full 77-token pass's, up to the EOT:
+    the causal mask keeps later positions out; and caching changes no output."""
+    from pipeline.encode import capture_block_input
+
+    pooled, tokens, block_in = encoder.encode_texts_cached(CAPTIONS, k)
+    plain_pooled, plain_tokens = encoder.encode_texts(CAPTIONS)
+    np.testing.assert_array_equal(pooled, plain_pooled)
+    assert [len(t) for t in block_in] == [len(t) for t in tokens] == [len(t) for t in plain_tokens]
+    ids = encoder.tokenize(CAPTIONS)
+    x = reference.token_embedding(ids) + reference.positional_embedding
+    with torch.no_grad(), capture_block_input(reference.transformer, k) as box:
+        reference.transformer(x, attn_mask=reference.attn_mask)
+    full = box[0]  # (B, 77, Dt)
+    assert full.shape[1] == 77
+    for i, b in enumerate(block_in):
+        np.testing.assert_allclose(b, full[i, :len(b)].numpy(), atol=2e-3, rtol=2e-3)
+        assert np.abs(full[i, len(b):].numpy() - full[i, len(b) - 1].numpy()).max() > 1e-2  # the cut is real
+
+
+def test_cached_frames_give_the_same_features_and_the_block_input(encoder):
+    frames = np.random.default_rng(1).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    feats, tokens = encoder.encode_frames_cached(frames, 1)
+    np.testing.assert_array_equal(feats, encoder.encode_frames(frames))
+    assert tokens.shape == (3, encoder.image_tokens, encoder.image_dim) == (3, 17, 128) and tokens.dtype == np.float16
+    _, tokens2 = encoder.encode_frames_cached(frames, 2)  # the input of the whole tower: another sequence
+    assert np.abs(tokens.astype(np.float32) - tokens2.astype(np.float32)).max() > 1e-2
+    with pytest.raises(ValueError, match=r"--cache-blocks 3: the tower has 2 blocks"):
+        encoder.encode_frames_cached(frames, 3)
