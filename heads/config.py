@@ -25,6 +25,8 @@ class HeadConfig:
     # "weighted" = w_c * coarse + w_f * fine with (w_c, w_f) a learnt softmax, starting at (1/2, 1/2)
     loss_terms: str = "fused"  # "fused": InfoNCE on the joined score; "each": the mean of that and of each
     # term's own InfoNCE (deep supervision of both granularities)
+    temporal_grad: str = "both"  # which terms train the shared S2 temporal encoder: "both", or "fine" (the coarse
+    # term reads the temporal features through a stop-gradient; the forward pass, and so inference, is unchanged)
     temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
     temporal_heads: int = 8  # attention heads of the temporal encoder and of the frame-weight self-attention
     temporal_init: str = "clip"  # "clip": start from CLIP's first text blocks and positions (CLIP4Clip); "random"
@@ -48,6 +50,8 @@ class HeadConfig:
             raise ValueError(f"fusion must be 'sum', 'mean' or 'weighted', not {self.fusion!r}")
         if self.loss_terms not in ("fused", "each"):
             raise ValueError(f"loss_terms must be 'fused' or 'each', not {self.loss_terms!r}")
+        if self.temporal_grad not in ("both", "fine"):
+            raise ValueError(f"temporal_grad must be 'both' or 'fine', not {self.temporal_grad!r}")
         if self.temporal_init not in ("clip", "random"):
             raise ValueError(f"temporal_init must be 'clip' or 'random', not {self.temporal_init!r}")
         if self.temporal_activation not in ("gelu", "quick_gelu"):

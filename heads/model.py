@@ -157,10 +157,13 @@ class RetrievalHead(nn.Module):
 
     def _coarse(self, text: TextFeatures, video: VideoFeatures, aligned: bool) -> Tensor:
         t = F.normalize(text.t, dim=-1)  # (Nt, D)
+        # temporal_grad "fine": the coarse term uses the temporal features but does not train the encoder
+        stop = self.cfg.temporal_grad == "fine" and self.cfg.fine
         if self.pool is None:
-            v = F.normalize(video.v_bar, dim=-1)  # (Nv, D)
+            v = F.normalize(video.v_bar.detach() if stop else video.v_bar, dim=-1)  # (Nv, D)
             return (t * v).sum(-1) if aligned else t @ v.T  # (N,) or (Nt, Nv)
-        v = F.normalize(self.pool(text.t, video.f, video.mask, aligned), dim=-1)  # (N, D) or (Nt, Nv, D)
+        f = video.f.detach() if stop else video.f  # (Nv, F, D)
+        v = F.normalize(self.pool(text.t, f, video.mask, aligned), dim=-1)  # (N, D) or (Nt, Nv, D)
         return (t * v).sum(-1) if aligned else torch.einsum("td,tvd->tv", t, v)
 
     def _word_frame_cos(self, text: TextFeatures, video: VideoFeatures, aligned: bool):

@@ -313,3 +313,27 @@ def test_masks_must_be_non_empty_prefixes():
     empty[1] = False
     with pytest.raises(ValueError, match="token_mask row 1 is empty"):
         model.encode_text(batch["text_global"], batch["tokens"], empty, batch["keywords"], batch["keyword_mask"])
+
+
+@pytest.mark.parametrize("interaction", [True, False])
+def test_temporal_grad_fine_stops_only_the_coarse_gradient_into_the_temporal_encoder(interaction):
+    batch = make_batch(frames=10, full=True)
+    both = make_model(dropout=0.0, interaction=interaction)
+    fine = make_model(dropout=0.0, interaction=interaction, temporal_grad="fine")
+    both.eval(), fine.eval()
+    torch.testing.assert_close(scores(both, batch), scores(fine, batch))  # same forward, same inference
+    for model in (both, fine):
+        text, video = encode(model, batch)
+        model.zero_grad()
+        coarse = model._coarse(text, video, False)
+        if coarse.requires_grad:  # without S4 and with the stop-gradient nothing trainable is left in it
+            coarse.sum().backward(retain_graph=True)
+        coarse_grad = sum(float(p.grad.abs().sum()) for p in model.temporal.parameters() if p.grad is not None)
+        assert (coarse_grad > 0) == (model is both)
+        if model.pool is not None:  # S4 itself still learns from the coarse term
+            assert model.pool.q.weight.grad.abs().sum() > 0
+        model.zero_grad()
+        model._fine(text, video, False).sum().backward()
+        assert sum(float(p.grad.abs().sum()) for p in model.temporal.parameters() if p.grad is not None) > 0
+    with pytest.raises(ValueError, match="temporal_grad"):
+        HeadConfig(temporal_grad="coarse")
