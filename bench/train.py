@@ -1,7 +1,8 @@
-"""Training step time of the full head and the share of time spent waiting for data.
+"""The training data loader on MSR-VTT-sized shards, the full head's step time and the data-wait share.
 
-    python bench/train.py                          # 600 videos x 15 frames, 4 captions each, 1 epoch
-    python bench/train.py --videos 2000 --epochs 2   # the fuller run (~8 s/step on 2 busy cores)
+    python bench/train.py                          # loader on 9,000 videos x 20 captions; steps on 600 videos
+    python bench/train.py --loader-only            # the loader figure alone
+    python bench/train.py --loader-videos 1000 --loader-only   # a quick look while developing
 
 Measures:
   - step time of heads.trainer.fit on in-memory batches of 128 captions x 12 frames x 32 words at
@@ -9,10 +10,14 @@ Measures:
   - the real data path: synthetic shards written with pipeline.write.write_shard (random fp16
     features), then workflows.train.train (RunConfig) for --epochs epochs; data_wait_share from
     the returned history (target < 5%);
-  - the loader alone (workflows.data.TrainData.load, batches of --batch-size): batches/s reading the
-    shards from HDF5 by index and from memory after FeatureStore.preload (the default when the arrays
-    fit), the files evicted from the page cache first (posix_fadvise DONTNEED: a cold read), and the
-    GPU step time each could keep busy (target >= 50 batches/s from memory).
+  - the loader alone (workflows.data.TrainData.load, batches of --batch-size x --frames x --words) on
+    MSR-VTT-sized shards (--loader-videos 9,000 x --loader-captions 20, ViT-B/32 widths: frames 768-d and
+    tokens 512-d as extract stores them, before CLIP's projections; 64 videos per shard as extract writes
+    them; 10-30 s videos at 1 FPS, mean ~15 s, and 9.3-word captions on average, as MSR-VTT's), written
+    once with pipeline.write.write_shard and cached in $TMPDIR/lseca-bench/; batches/s reading from HDF5
+    by index and from memory after FeatureStore.preload (the default when the arrays fit), the files
+    evicted from the page cache first (posix_fadvise DONTNEED: a cold read), and the GPU step time each
+    could keep busy (target >= 50 batches/s from memory).
 """
 from __future__ import annotations
 
@@ -23,39 +28,30 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, resolve, write_result  # noqa: E402
+from _common import (D, DT, DV, ShardSet, evict, machine, msrvtt_shards, print_table, resolve,  # noqa: E402
+                     write_result)
 
 import numpy as np  # noqa: E402
 
-DV, DT, D = 768, 512, 512
 TARGET_WAIT = 0.05
 TARGET_LOADER = 50.0  # batches/s
 
 
-def evict(folder: Path) -> None:
-    """Drop the files of folder from the page cache (where the OS allows), so the next read is cold."""
-    import os
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def loader_batches_per_s(features: Path, batch: int, frames: int, words: int, in_memory: bool,
-                         max_batches: int = 60) -> tuple[float, float]:
-    """(batches/s over at most max_batches batches of one epoch's plan, seconds spent in preload), cold."""
+                         max_batches: int = 60) -> dict:
+    """batches/s over at most max_batches batches of one epoch's plan, read cold, and the seconds spent
+    opening the store and in TrainData (its preload)."""
     from pipeline.read import FeatureStore
     from workflows.data import TrainData
 
     evict(features)
+    t0 = time.perf_counter()
     store = FeatureStore(features)
+    open_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     data = TrainData(store, store.split_captions("train"), batch, frames, words, seed=0,
                      preload_bytes=(64 << 30) if in_memory else 0)
@@ -66,7 +62,8 @@ def loader_batches_per_s(features: Path, batch: int, frames: int, words: int, in
         data.load(items)
     rate = len(plan) / (time.perf_counter() - t0)
     store.close()
-    return rate, preload_s
+    return {"batches_per_s": rate, "batches": len(plan), "open_s": open_s, "preload_s": preload_s,
+            "in_memory": data.in_memory}
 
 
 def write_synthetic_shards(out: Path, n_videos: int, frames: int, caps_per_video: int, shard_videos: int,
@@ -119,33 +116,91 @@ def memory_batch(batch: int, frames: int, words: int, seed: int = 0) -> dict:
             "keywords": torch.randn(batch, 3, DT, generator=g), "keyword_mask": torch.ones(batch, 3, dtype=torch.bool)}
 
 
+def loader_rows(shards: ShardSet, hdf5: dict, memory: dict, args) -> list[tuple[str, object, str]]:
+    miss = "" if memory["batches_per_s"] >= TARGET_LOADER else "  MISS"
+    return [
+        ("shards", f"{shards.videos} x {args.loader_captions}",
+         f"videos x captions, {shards.shards} shards, {shards.frames} frames, {shards.tokens} tokens, "
+         f"{shards.disk_bytes / 2 ** 30:.2f} GiB on disk"
+         + (" (cached)" if shards.reused else f", written in {shards.write_s:.0f} s")),
+        ("open the store", hdf5["open_s"], "s (tables of every shard, cold)"),
+        ("loader, HDF5 by index", hdf5["batches_per_s"],
+         f"batches/s (cold, {hdf5['batches']} batches of {args.batch_size}); keeps a "
+         f"{1000 / hdf5['batches_per_s']:.0f} ms step busy"),
+        ("loader, from memory", memory["batches_per_s"],
+         f"batches/s after a {memory['preload_s']:.1f} s cold preload; keeps a "
+         f"{1000 / memory['batches_per_s']:.1f} ms step busy; target >= {TARGET_LOADER:.0f}{miss}"),
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--frames", type=int, default=12, help="frames per video the head sees (max_frames)")
     p.add_argument("--words", type=int, default=32, help="tokens per caption (max_words)")
-    p.add_argument("--videos", type=int, default=600, help="videos in the synthetic shards")
-    p.add_argument("--stored-frames", type=int, default=15, help="1 FPS frames stored per video")
-    p.add_argument("--captions-per-video", type=int, default=4)
-    p.add_argument("--shard-videos", type=int, default=150, help="videos per synthetic shard")
+    p.add_argument("--loader-videos", type=int, default=9000, help="videos of the loader's shards (MSR-VTT 9k)")
+    p.add_argument("--loader-captions", type=int, default=20, help="captions per video of the loader's shards")
+    p.add_argument("--loader-shard-videos", type=int, default=64, help="videos per shard (extract's default 64)")
+    p.add_argument("--loader-batches", type=int, default=100, help="batches timed per loader figure")
+    p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lseca-bench",
+                   help="folder for the loader's shards (kept for reruns)")
+    p.add_argument("--loader-only", action="store_true", help="skip the step-time and train() parts")
+    p.add_argument("--videos", type=int, default=600, help="videos in the synthetic shards of the train() run")
+    p.add_argument("--stored-frames", type=int, default=15, help="1 FPS frames stored per video (train() run)")
+    p.add_argument("--captions-per-video", type=int, default=4, help="(train() run)")
+    p.add_argument("--shard-videos", type=int, default=150, help="videos per synthetic shard (train() run)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of workflows.train.train on the shards")
     p.add_argument("--memory-steps", type=int, default=4, help="timed in-memory steps (after as many warm-up steps)")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
+    device = resolve(args.device)
+    info = machine(device)
+    shapes = {"batch": args.batch_size, "frames": args.frames, "words": args.words,
+              "image_dim": DV, "text_dim": DT, "embed_dim": D, "keywords": 3}
+
+    # ---- the loader alone, MSR-VTT-sized shards, cold ---------------------------------------------------
+    print(f"shards: {args.loader_videos} videos x {args.loader_captions} captions in {args.cache} ...", flush=True)
+    shards = msrvtt_shards(args.cache, args.loader_videos, args.loader_captions, args.loader_shard_videos)
+    features = Path(shards.folder)
+    print("loader from HDF5 (cold) ...", flush=True)
+    hdf5 = loader_batches_per_s(features, args.batch_size, args.frames, args.words, False, args.loader_batches)
+    print("loader from memory (cold preload) ...", flush=True)
+    memory = loader_batches_per_s(features, args.batch_size, args.frames, args.words, True, args.loader_batches)
+    if not memory["in_memory"]:
+        raise SystemExit("the shards did not fit in memory: no in-memory figure")
+    loader = {"shards": asdict(shards), "hdf5_by_index": {k: round(v, 3) if isinstance(v, float) else v
+                                                          for k, v in hdf5.items()},
+              "memory": {k: round(v, 3) if isinstance(v, float) else v for k, v in memory.items()},
+              "step_ms_kept_busy": {"hdf5_by_index": round(1000 / hdf5["batches_per_s"], 2),
+                                    "memory": round(1000 / memory["batches_per_s"], 2)},
+              "target_batches_per_s": TARGET_LOADER, "met": memory["batches_per_s"] >= TARGET_LOADER}
+    rows = loader_rows(shards, hdf5, memory, args)
+    result = {"machine": info, "shapes": shapes, "loader": loader}
+    if args.loader_only:
+        print_table("training data loader", info, rows)
+        write_result("train_loader", result)
+        return
+    result.update(train_steps(args, device))
+    rows = train_rows(result, args, device) + rows
+    print_table("training step, data wait and the loader", info, rows)
+    write_result("train", result)
+
+
+def train_steps(args, device: str) -> dict:
+    """The full head's step time on in-memory batches, then workflows.train.train on small synthetic shards."""
     import torch
     from heads.config import HeadConfig
     from heads.model import RetrievalHead
     from heads.trainer import TrainConfig, fit
     from workflows.train import RunConfig, train
 
-    device = resolve(args.device)
-    info = machine(device)
     amp = "bf16" if device.startswith("cuda") else "none"
     tmp = Path(tempfile.mkdtemp(prefix="lseca-bench-train-"))
     try:
         # ---- pure step time: the same batch from memory, epoch 1 warms up, epoch 2 is timed ----------
+        print("step time on in-memory batches ...", flush=True)
         batch = {k: v.to(device) for k, v in memory_batch(args.batch_size, args.frames, args.words).items()}
         g = torch.Generator().manual_seed(0)
         model = RetrievalHead(HeadConfig(max_frames=args.frames), torch.randn(DV, D, generator=g) / DV ** 0.5,
@@ -156,6 +211,7 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
         # ---- the real data path ---------------------------------------------------------------------
+        print(f"train() on {args.videos} videos ...", flush=True)
         t0 = time.perf_counter()
         n_caps = write_synthetic_shards(tmp / "features", args.videos, args.stored_frames,
                                         args.captions_per_video, args.shard_videos)
@@ -166,8 +222,6 @@ def main() -> None:
                         batch_size=args.batch_size, max_words=args.words, val_split="none")
         history = train(cfg, tmp / "run")
         steps = json.loads((tmp / "run" / "config.json").read_text())["steps_per_epoch"]
-        disk_rate, _ = loader_batches_per_s(tmp / "features", args.batch_size, args.frames, args.words, False)
-        memory_rate, preload_s = loader_batches_per_s(tmp / "features", args.batch_size, args.frames, args.words, True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -175,9 +229,7 @@ def main() -> None:
                "data_wait_share": round(r["data_wait_share"], 4), "loss": round(r["loss"], 4)} for r in history]
     wait = sum(r["data_wait_share"] * r["seconds"] for r in history) / sum(r["seconds"] for r in history)
     real_step_s = sum(r["seconds"] for r in history) / (steps * len(history))
-    result = {
-        "machine": info, "shapes": {"batch": args.batch_size, "frames": args.frames, "words": args.words,
-                                    "image_dim": DV, "text_dim": DT, "embed_dim": D, "keywords": 3},
+    return {
         "head": "full", "trainable_parameters": n_params, "amp": amp,
         "memory_step_ms": round(1000 * step_s, 1), "memory_steps_per_s": round(1 / step_s, 3),
         "data": {"videos": args.videos, "stored_frames": args.stored_frames, "captions": n_caps,
@@ -185,25 +237,19 @@ def main() -> None:
         "train_epochs": epochs, "steps_per_epoch": steps, "train_step_ms": round(1000 * real_step_s, 1),
         "train_steps_per_s": round(1 / real_step_s, 3),
         "data_wait_share": round(wait, 4), "target_data_wait_share": TARGET_WAIT,
-        "loader_batches_per_s": {"hdf5_by_index": round(disk_rate, 2), "memory": round(memory_rate, 2),
-                                 "preload_s": round(preload_s, 2), "target": TARGET_LOADER},
     }
-    rows = [
-        ("step (in-memory)", 1000 * step_s, f"ms; B={args.batch_size}, F={args.frames}, N={args.words}, "
-                                            f"{n_params / 1e6:.1f} M trainable, device {device}"),
-        ("steps/s (in-memory)", 1 / step_s, ""),
-        ("step (shards, train())", 1000 * real_step_s, f"ms; {steps} steps/epoch x {len(history)} epoch(s), "
-                                                       f"{n_caps} captions of {args.videos} videos"),
-        ("steps/s (shards)", 1 / real_step_s, ""),
+
+
+def train_rows(r: dict, args, device: str) -> list[tuple[str, object, str]]:
+    wait = r["data_wait_share"]
+    return [
+        ("step (in-memory)", r["memory_step_ms"], f"ms; B={args.batch_size}, F={args.frames}, N={args.words}, "
+                                                  f"{r['trainable_parameters'] / 1e6:.1f} M trainable, device {device}"),
+        ("step (shards, train())", r["train_step_ms"],
+         f"ms; {r['steps_per_epoch']} steps/epoch x {len(r['train_epochs'])} epoch(s), "
+         f"{r['data']['captions']} captions of {args.videos} videos"),
         ("data wait", f"{100 * wait:.2f}%", f"target < {100 * TARGET_WAIT:.0f}%" + ("  MISS" if wait >= TARGET_WAIT else "")),
-        ("loader, HDF5 by index (cold)", disk_rate, f"batches/s; keeps a {1000 / disk_rate:.0f} ms step busy"),
-        ("loader, from memory (cold)", memory_rate, f"batches/s after a {preload_s:.1f} s preload; keeps a "
-                                                    f"{1000 / memory_rate:.0f} ms step busy; target >= "
-                                                    f"{TARGET_LOADER:.0f}" + ("" if memory_rate >= TARGET_LOADER
-                                                                             else "  MISS")),
     ]
-    print_table("training step and data wait", info, rows)
-    write_result("train", result)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 S4 makes the video feature depend on the (text, video) pair, so scores cannot be a product of two
 embedding tables. Instead videos stream in chunks, each scored against all texts in text chunks, and only
 per-query counts are kept. Memory grows with the chunk sizes (the largest block is
-text_chunk x video_chunk x words x frames for the fine term), never with the gallery size; the encoded
-texts are held for the whole evaluation (as large as the `texts` given).
+text_chunk x video_chunk x words x frames for the fine term) and with the gallery only up to
+video_cache_bytes (below); the encoded texts are held for the whole evaluation (as large as the `texts` given).
 
 Passes over video_chunks():
   1. own-pair scores (score_pairs: each text with its own video), cheap;
@@ -14,6 +14,8 @@ Passes over video_chunks():
      other caption groups (or captions, v2t_protocol="caption") scoring strictly higher than its best own
      caption (see metrics.py for ties and non-finite scores). The group protocol keeps an (Nv, video_chunk)
      buffer of group maxima when some video has several captions; with one caption per video it needs none.
+Each pass needs every encoded video; they are encoded once and kept when they fit in video_cache_bytes
+(512 MiB by default, ~7k videos at 12 frames x 512), else encoded again per pass.
 Own pairs are excluded from the counts by index, not by score, so a last-bit difference between
 score_pairs and score() can never move a rank.
 """
@@ -63,6 +65,37 @@ def _encode_videos(model: RetrievalHead, video_chunks: VideoChunks, n_videos: in
         raise ValueError(f"video_chunks() yielded {seen} videos, expected {n_videos}")
 
 
+def _nbytes(video: VideoFeatures) -> int:
+    return sum(t.numel() * t.element_size() for t in vars(video).values())
+
+
+class _VideoPasses:
+    """The encoded video chunks, once per pass. The first pass keeps them while they fit in cache_bytes, so
+    later passes skip the temporal encoder and S2 (at 1k videos about a tenth of rank_all's time on a CPU);
+    a gallery too large for the budget is encoded again on each pass, in bounded memory as before."""
+
+    def __init__(self, model, video_chunks: VideoChunks, n_videos: int, device, cache_bytes: int):
+        self.encode = lambda: _encode_videos(model, video_chunks, n_videos, device)  # noqa: E731
+        self.cache_bytes = cache_bytes
+        self.cached: Optional[list[tuple[int, VideoFeatures]]] = None
+
+    def __call__(self) -> Iterator[tuple[int, VideoFeatures]]:
+        if self.cached is not None:
+            yield from self.cached
+            return
+        kept: Optional[list] = [] if self.cache_bytes > 0 else None
+        size = 0
+        for start, video in self.encode():
+            if kept is not None:
+                size += _nbytes(video)
+                if size <= self.cache_bytes:
+                    kept.append((start, video))
+                else:  # over budget: stop keeping
+                    kept = None
+            yield start, video
+        self.cached = kept
+
+
 class _Evaluating:
     """inference_mode + eval(), restoring the model's previous mode (the trainer validates mid-run)."""
 
@@ -94,7 +127,7 @@ def score_matrix(model: RetrievalHead, texts: dict, video_chunks: VideoChunks, n
 
 def rank_all(model: RetrievalHead, texts: dict, text_to_video: Tensor, video_chunks: VideoChunks,
              n_videos: int, text_chunk: int = 256, device="cpu", dsl: bool = False, dsl_temp: float = 100.0,
-             top_k: int = 0, v2t_protocol: str = "group") -> EvalResult:
+             top_k: int = 0, v2t_protocol: str = "group", video_cache_bytes: int = 512 << 20) -> EvalResult:
     """Ranks of all Nt texts (t2v) and Nv videos (v2t) in bounded memory; see the module docstring.
 
     texts: the TEXT_KEYS tensors for all Nt queries. text_to_video: (Nt,) own video of each caption.
@@ -102,6 +135,7 @@ def rank_all(model: RetrievalHead, texts: dict, text_to_video: Tensor, video_chu
     dsl: rank on dual-softmax scores (metrics.dual_softmax) with temperature dsl_temp.
     top_k: also return the best top_k videos (indices, scores) per text.
     v2t_protocol: "group" or "caption" (metrics.V2T_PROTOCOLS); non-finite scores as in metrics.py.
+    video_cache_bytes: encoded videos kept between passes when they fit (_VideoPasses); 0 encodes every pass.
     """
     check_protocol(v2t_protocol)
     device = torch.device(device)
@@ -113,7 +147,7 @@ def rank_all(model: RetrievalHead, texts: dict, text_to_video: Tensor, video_chu
     grouped = v2t_protocol == "group" and bool((captions_per_video > 1).any())
     with _Evaluating(model):
         text_feats = _encode_texts(model, texts, text_chunk, device)
-        videos = lambda: _encode_videos(model, video_chunks, n_videos, device)  # noqa: E731
+        videos = _VideoPasses(model, video_chunks, n_videos, device, video_cache_bytes)
 
         # pass 1: own-pair scores
         own = torch.empty(n_texts, device=device)

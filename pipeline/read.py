@@ -14,8 +14,12 @@ import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from . import schema as S
+
+
+_ARRAYS = (S.H5_FRAMES, S.H5_TOKENS, S.H5_KEYWORDS)  # the dense arrays batches are gathered from
 
 
 class FeaturesError(ValueError):
@@ -36,6 +40,22 @@ def uniform_indices(n: int, k: int) -> np.ndarray:
     if n <= k:
         return np.arange(n)
     return np.linspace(0, n - 1, num=k).round().astype(np.int64)
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    """An exact float16 -> float32 copy, on the calling thread.
+
+    This is most of a batch's cost. numpy's astype converts one value at a time (~3 ns each); torch uses the
+    CPU's F16C instructions (~0.4 ns) but spreads a large copy over its intra-op threads, which belong to
+    the training step running beside the loader: on a busy 2-core machine that took 8 ms of CPU for one
+    batch's frames instead of 0.5. Blocks below ATen's parallel grain (32,768 elements) stay on this thread.
+    """
+    src = torch.from_numpy(np.ascontiguousarray(values)).view(-1)
+    out = torch.empty(src.shape, dtype=torch.float32)
+    block = 24_576  # a multiple of 512 and 768
+    for start in range(0, len(src), block):
+        out[start:start + block].copy_(src[start:start + block])
+    return out.numpy().reshape(values.shape)
 
 
 class FeatureStore:
@@ -78,7 +98,9 @@ class FeatureStore:
         self.video_index = {v["video_id"]: i for i, v in enumerate(self.videos)}
         self.captions = [c for c in pa.concat_tables(captions).to_pylist() if c["video_id"] in self.video_index]
         self._local = threading.local()
-        self._memory: list[dict[str, np.ndarray]] | None = None  # see preload()
+        self._memory: dict[str, np.ndarray] | None = None  # see preload()
+        self._frame_picks: dict[int, np.ndarray] = {}  # max_frames -> stored-frame offsets (_picks)
+        self._columns()
 
     # --- tables -----------------------------------------------------------------------
     def splits(self) -> dict[str, int]:
@@ -113,29 +135,69 @@ class FeatureStore:
                                 "folder to write it again") from None
 
     # --- arrays -----------------------------------------------------------------------
+    # Every dense array of every shard is addressed in one global row space: shard s's rows start at
+    # self._offsets[name][s], and row self._offsets[name][-1] (one past the last) reads as zeros. A batch is
+    # then one (items, positions) table of rows per array (-1 = padding),
+    # gathered at once: from memory after preload() with one numpy take, else from HDF5 with one read per
+    # shard it touches. No Python runs per caption or per frame.
+
+    def _columns(self) -> None:
+        """The row numbers that reads need, as numpy columns (no per-caption Python when reading)."""
+        sizes = {n: [] for n in _ARRAYS}
+        keyword_index = []
+        for d in self.shard_dirs:
+            try:
+                with h5py.File(d / S.FEATURES_FILE, "r") as h5:
+                    for n in _ARRAYS:
+                        sizes[n].append(h5[n].shape[0])
+                    keyword_index.append(np.asarray(h5[S.H5_KEYWORD_INDEX][()], np.int64))  # (C, K)
+            except (OSError, KeyError) as e:
+                raise FeaturesError(f"{d}: unreadable shard ({type(e).__name__}: {e})") from None
+        self._offsets = {n: np.concatenate([[0], np.cumsum(sizes[n])]).astype(np.int64) for n in _ARRAYS}
+        self._widths = {S.H5_FRAMES: self.info.image_dim, S.H5_TOKENS: self.info.text_dim,
+                        S.H5_KEYWORDS: self.info.text_dim}
+        v, c = self.videos, self.captions
+        v_shard = np.array([r["shard_pos"] for r in v], np.int64)
+        self._v_count = np.array([r["num_frames"] for r in v], np.int64)
+        self._v_first = self._offsets[S.H5_FRAMES][v_shard] + np.array([r["frame_start"] for r in v], np.int64)
+        c_shard = np.array([r["shard_pos"] for r in c], np.int64)
+        self._c_count = np.array([r["num_tokens"] for r in c], np.int64)
+        self._c_first = self._offsets[S.H5_TOKENS][c_shard] + np.array([r["token_start"] for r in c], np.int64)
+        self._c_keywords = np.array([len(r["keywords"] or ()) for r in c], np.int64)  # keyword strings of the table
+        # each caption's keyword rows (global, -1 = none); the valid ones first, in the caption's own (score)
+        # order, which a stable sort on "is padding" keeps (a row named twice stays twice)
+        k = max((a.shape[1] for a in keyword_index), default=0)
+        table = np.full((sum(len(a) for a in keyword_index), k), -1, np.int64)
+        at = 0
+        for s, a in enumerate(keyword_index):
+            table[at:at + len(a), :a.shape[1]] = np.where(a >= 0, a + self._offsets[S.H5_KEYWORDS][s], -1)
+            at += len(a)
+        first_caption = np.concatenate([[0], np.cumsum([len(a) for a in keyword_index])]).astype(np.int64)
+        rows = table[first_caption[c_shard] + np.array([r["row_in_shard"] for r in c], np.int64)]
+        self._c_keyword_rows = np.take_along_axis(rows, np.argsort(rows < 0, axis=1, kind="stable"), axis=1)
+
     def preload(self, max_bytes: int) -> bool:
         """Read every shard's dense arrays into memory when together they take at most max_bytes.
 
-        h5py costs ~0.1-0.3 ms per small read and a training batch makes ~5 per caption: 200 ms for a batch
-        of 128 on a 2-core CPU, far slower than a GPU step. From memory the same batch takes a few ms.
-        Returns whether the arrays are now in memory."""
+        h5py costs ~0.1 ms per read and a batch touches about one shard per caption; from memory a batch is
+        a few numpy gathers. Returns whether the arrays are now in memory."""
         if self._memory is not None:
             return True
-        names = (S.H5_FRAMES, S.H5_TOKENS, S.H5_KEYWORDS, S.H5_KEYWORD_INDEX)
-        total = 0
-        for pos in range(len(self.shard_dirs)):
-            h5 = self._h5(pos)
-            total += sum(h5[n].size * h5[n].dtype.itemsize for n in names)
+        total = sum(int(self._offsets[n][-1] + 1) * self._widths[n] * 2 for n in _ARRAYS)  # float16
         if total > max_bytes:
             return False
-        self._memory = [{n: self._h5(pos)[n][()] for n in names} for pos in range(len(self.shard_dirs))]
+        memory = {}
+        for n in _ARRAYS:
+            # one allocation per array, filled shard by shard (no second copy); the last row stays zero: padding
+            out = np.empty((int(self._offsets[n][-1]) + 1, self._widths[n]), np.float16)
+            out[-1] = 0
+            for pos in range(len(self.shard_dirs)):
+                a, b = self._offsets[n][pos], self._offsets[n][pos + 1]
+                if b > a:
+                    self._h5(pos)[n].read_direct(out, dest_sel=np.s_[a:b])
+            memory[n] = out
+        self._memory = memory
         return True
-
-    def _array(self, shard_pos: int, name: str):
-        """A dense array of one shard: the in-memory copy after preload(), else the HDF5 dataset."""
-        if self._memory is not None:
-            return self._memory[shard_pos][name]
-        return self._h5(shard_pos)[name]
 
     def _h5(self, shard_pos: int) -> h5py.File:
         files = getattr(self._local, "files", None)
@@ -145,63 +207,110 @@ class FeatureStore:
             files[shard_pos] = h5py.File(self.shard_dirs[shard_pos] / S.FEATURES_FILE, "r")
         return files[shard_pos]
 
+    def _dataset(self, shard_pos: int, name: str) -> h5py.Dataset:
+        """The dataset object, kept per thread: h5py's name lookup costs as much as a small read."""
+        cache = getattr(self._local, "datasets", None)
+        if cache is None:
+            cache = self._local.datasets = {}
+        key = (shard_pos, name)
+        if key not in cache:
+            cache[key] = self._h5(shard_pos)[name]
+        return cache[key]
+
+    def _gather(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """float16 (*rows.shape, width) of global rows; -1 reads as zeros (padding)."""
+        pad = self._offsets[name][-1]  # one past the last row: zeros in memory, skipped in HDF5
+        rows = np.where(rows < 0, pad, rows)
+        if self._memory is not None:
+            return np.take(self._memory[name], rows, axis=0)
+        wanted, inverse = np.unique(rows, return_inverse=True)  # sorted: h5py wants increasing indices
+        shard = np.searchsorted(self._offsets[name], wanted, side="right") - 1
+        values = np.zeros((len(wanted), self._widths[name]), np.float16)
+        bounds = np.flatnonzero(np.diff(shard, prepend=-1, append=-1))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            pos = int(shard[a])
+            if pos >= len(self.shard_dirs):  # the padding row
+                continue
+            local = wanted[a:b] - self._offsets[name][pos]
+            lo, hi = int(local[0]), int(local[-1]) + 1
+            ds = self._dataset(pos, name)
+            # one contiguous read when the rows are dense enough in it (a slice is far cheaper in h5py than a
+            # point selection), else h5py's fancy read of exactly these rows
+            values[a:b] = ds[lo:hi][local - lo] if hi - lo <= 2 * len(local) + 64 else ds[local]
+        return values[inverse.reshape(rows.shape)]
+
+    def _read(self, name: str, rows: np.ndarray, owners: np.ndarray, describe) -> np.ndarray:
+        """float32 (*rows.shape, width) of global rows (rows: (B, P), -1 = padding, read as zeros).
+
+        A NaN or inf feature would only surface as a NaN loss many steps later, so the error names its file
+        now. owners: (B,) store index of each row of `rows`; describe(i) gives
+        (what, shard position) of item i."""
+        values = _float32(self._gather(name, rows))  # (B, P, width)
+        if not np.isfinite(values).all():  # (numpy's isfinite is fast on float32, emulated on float16)
+            bad = ~np.isfinite(values.reshape(len(values), -1)).all(1)  # (B,)
+            what, shard_pos = describe(int(owners[int(np.flatnonzero(bad)[0])]))
+            shard = self.shard_dirs[shard_pos]
+            raise FeaturesError(f"{shard / S.FEATURES_FILE}: non-finite values in the {what}; "
+                                f"delete {shard} and rerun extract to redo that shard")
+        return values
+
+    def _picks(self, max_frames: int) -> np.ndarray:
+        """(Nv, min(max_frames, longest)) offsets of the stored frames each video keeps (uniform_indices),
+        -1 after its last; one uniform_indices call per distinct frame count, cached per max_frames."""
+        if max_frames not in self._frame_picks:
+            width = max(1, min(max_frames, int(self._v_count.max(initial=0))))
+            table = np.full((len(self.videos), width), -1, np.int64)
+            for n in np.unique(self._v_count):
+                p = uniform_indices(int(n), max_frames)
+                table[self._v_count == n, :len(p)] = p
+            self._frame_picks[max_frames] = table
+        return self._frame_picks[max_frames]
+
     def frames(self, video_indices, max_frames: int) -> tuple[np.ndarray, np.ndarray]:
         """(B, F, Dv) float32 frames (uniformly sampled, zero padded) and (B, F) bool mask."""
-        rows = [self.videos[i] for i in video_indices]
-        picks = [uniform_indices(r["num_frames"], max_frames) for r in rows]
-        width = max(1, max((len(p) for p in picks), default=1))
-        out = np.zeros((len(rows), width, self.info.image_dim), np.float32)
-        mask = np.zeros((len(rows), width), bool)
-        for b, (r, p) in enumerate(zip(rows, picks)):
-            block = self._array(r["shard_pos"], S.H5_FRAMES)[r["frame_start"]:r["frame_start"] + r["num_frames"]]
-            out[b, :len(p)] = block[p]
-            self._check_finite(out[b, :len(p)], r["shard_pos"], f"frames of video {r['video_id']}")
-            mask[b, :len(p)] = True
-        return out, mask
-
-    def _check_finite(self, values: np.ndarray, shard_pos: int, what: str) -> None:
-        """A NaN or inf feature would only surface as a NaN loss many steps later: name its file now."""
-        if not np.isfinite(values).all():
-            raise FeaturesError(f"{self.shard_dirs[shard_pos] / S.FEATURES_FILE}: non-finite values in the {what}; "
-                                f"delete {self.shard_dirs[shard_pos]} and rerun extract to redo that shard")
+        idx = np.asarray(video_indices, np.int64).reshape(-1)
+        picks = self._picks(max_frames)[idx]  # (B, F_max)
+        width = max(1, int(np.minimum(self._v_count[idx], max_frames).max(initial=1)))
+        picks = picks[:, :width]
+        mask = picks >= 0
+        rows = np.where(mask, self._v_first[idx, None] + picks, -1)  # (B, F)
+        frames = self._read(S.H5_FRAMES, rows, idx, lambda i: (f"frames of video {self.videos[i]['video_id']}",
+                                                               self.videos[i]["shard_pos"]))
+        return frames, mask  # (B, F, Dv), (B, F)
 
     def frame_times(self, video_index: int) -> np.ndarray:
         r = self.videos[video_index]
         return self._h5(r["shard_pos"])[S.H5_FRAME_TIMES][r["frame_start"]:r["frame_start"] + r["num_frames"]]
 
+    def _caption_what(self, i: int, what: str) -> tuple[str, int]:
+        c = self.captions[i]
+        return f"{what} of caption {c['caption_id']} ({c['video_id']})", c["shard_pos"]
+
     def texts(self, caption_indices, max_words: int) -> dict[str, np.ndarray]:
         """Global feature, tokens (SOT..EOT, at most max_words) and keyword features with masks."""
-        rows = [self.captions[i] for i in caption_indices]
-        n = len(rows)
-        lengths = [min(r["num_tokens"], max_words) for r in rows]
-        width = max(1, max(lengths, default=1))
-        k_max = max(1, max((len(r["keywords"]) for r in rows), default=1))
-        dt = self.info.text_dim
-        out = {
-            "text_global": np.zeros((n, dt), np.float32),
-            "tokens": np.zeros((n, width, dt), np.float32),
-            "token_mask": np.zeros((n, width), bool),
-            "keywords": np.zeros((n, k_max, dt), np.float32),
-            "keyword_mask": np.zeros((n, k_max), bool),
+        idx = np.asarray(caption_indices, np.int64).reshape(-1)
+        count, first = self._c_count[idx], self._c_first[idx]  # (B,)
+        keep = np.minimum(count, max_words)  # (B,)
+        width = max(1, int(keep.max(initial=1)))
+        at = np.arange(width)[None, :]  # (1, N)
+        # Long captions keep their first words and their EOT, as CLIP4Clip's truncation does: position keep-1
+        # is the caption's own EOT (row first + count - 1), whether or not it was truncated
+        rows = np.where(at == keep[:, None] - 1, (first + count - 1)[:, None], first[:, None] + at)
+        token_mask = at < keep[:, None]  # (B, N)
+        tokens = self._read(S.H5_TOKENS, np.where(token_mask, rows, -1), idx,
+                            lambda i: self._caption_what(i, "tokens"))  # (B, N, Dt)
+        k_max = max(1, int(self._c_keywords[idx].max(initial=1)))
+        k_rows = self._c_keyword_rows[idx]  # (B, K), valid rows first
+        if k_rows.shape[1] < k_max:
+            k_rows = np.pad(k_rows, ((0, 0), (0, k_max - k_rows.shape[1])), constant_values=-1)
+        k_rows = k_rows[:, :k_max]
+        return {
+            "text_global": tokens[np.arange(len(idx)), np.maximum(keep - 1, 0)].copy(),  # the EOT of the caption
+            "tokens": tokens,
+            "token_mask": token_mask,
+            "keywords": self._read(S.H5_KEYWORDS, k_rows, idx, lambda i: self._caption_what(i, "keywords")),
+            "keyword_mask": k_rows >= 0,
         }
-        for b, r in enumerate(rows):
-            pos = r["shard_pos"]
-            toks = self._array(pos, S.H5_TOKENS)[r["token_start"]:r["token_start"] + r["num_tokens"]]
-            out["text_global"][b] = toks[-1]  # the EOT token of the whole caption
-            keep = lengths[b]
-            # Long captions keep their first words and their EOT, as CLIP4Clip's truncation does.
-            out["tokens"][b, :keep] = np.concatenate([toks[:keep - 1], toks[-1:]]) if keep < len(toks) else toks
-            out["token_mask"][b, :keep] = True
-            self._check_finite(out["tokens"][b, :keep], pos, f"tokens of caption {r['caption_id']} ({r['video_id']})")
-            k_rows = self._array(pos, S.H5_KEYWORD_INDEX)[r["row_in_shard"]]
-            k_rows = k_rows[k_rows >= 0]
-            if len(k_rows):
-                # h5py wants strictly increasing indices: read each row once, sorted, then put them back in
-                # the caption's keyword order (a row named twice comes back twice)
-                rows, order = np.unique(k_rows, return_inverse=True)
-                out["keywords"][b, :len(k_rows)] = self._array(pos, S.H5_KEYWORDS)[rows][order]
-                out["keyword_mask"][b, :len(k_rows)] = True
-        return out
 
     def close(self) -> None:
         for f in getattr(self._local, "files", {}).values():

@@ -80,3 +80,23 @@ def test_rank_all_rejects_a_reader_that_skips_videos():
     first_two_chunks = lambda: itertools.islice(video_chunks(4)(), 2)  # noqa: E731
     with pytest.raises(ValueError, match="yielded 8 videos"):
         rank_all(model, texts, text_to_video, first_two_chunks, N_VIDEOS)
+
+
+@pytest.mark.parametrize("dsl", [False, True])
+def test_videos_are_encoded_once_when_they_fit_the_cache_and_per_pass_when_not(dsl):
+    """Every pass needs every encoded video: kept from the first pass within video_cache_bytes, encoded again
+    on each pass beyond it; the ranks are the same either way."""
+    model = make_model()
+    texts, text_to_video, video_chunks = make_set(seed=5)
+    calls, encode = [], model.encode_video
+    model.encode_video = lambda *a: calls.append(len(a[0])) or encode(*a)
+    passes = 3 if dsl else 2
+    results = {}
+    for budget in (1 << 30, 1, 0):  # fits, too small for even one chunk, off
+        calls.clear()
+        results[budget] = rank_all(model, texts, text_to_video, video_chunks(4), N_VIDEOS, text_chunk=7, dsl=dsl,
+                                   top_k=3, video_cache_bytes=budget)
+        assert sum(calls) == N_VIDEOS * (1 if budget == 1 << 30 else passes), budget
+    for r in results.values():
+        assert torch.equal(r.t2v_ranks, results[0].t2v_ranks) and torch.equal(r.v2t_ranks, results[0].v2t_ranks)
+        assert torch.equal(r.top_k_indices, results[0].top_k_indices)

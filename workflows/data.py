@@ -89,6 +89,7 @@ class TrainData:
         if not self.captions:
             raise ValueError("no training captions")
         self.videos = self.store.caption_video(self.captions)
+        self._caption_rows = np.asarray(self.captions, np.int64)  # items -> store caption indices, vectorised
         self.in_memory = self.store.preload(self.preload_bytes)
 
     def plan(self, epoch: int) -> list[list[int]]:
@@ -100,10 +101,10 @@ class TrainData:
         return len(self.plan(0))
 
     def load(self, items: list[int]) -> dict:
-        caps = [self.captions[i] for i in items]
+        items = np.asarray(items, np.int64)
         frames, mask = self.store.frames(self.videos[items], self.max_frames)
-        return _tensors({"frames": frames, "frame_mask": mask, **self.store.texts(caps, self.max_words)},
-                        self.pin_memory)
+        texts = self.store.texts(self._caption_rows[items], self.max_words)
+        return _tensors({"frames": frames, "frame_mask": mask, **texts}, self.pin_memory)
 
     def __call__(self, epoch: int) -> Iterator[dict]:
         plan = self.plan(epoch)
