@@ -365,16 +365,20 @@ def search(
     features: Path = typer.Option(Path("features"), help="Output folder of `extract`."),
     run: Optional[Path] = typer.Option(None, help="Run folder of train-heads; without it: plain CLIP (meanP)."),
     top: int = typer.Option(10, min=1, help="Hits to show."),
-    candidates: int = typer.Option(200, min=1, help="Videos (or captions) the coarse index passes to the full head."),
+    candidates: int = typer.Option(200, min=1, help="Videos (or captions) stage 1 passes to the full head."),
     video: Optional[Path] = typer.Option(None, help="Search with this video instead of a text."),
     target: str = typer.Option("videos", help="With --video: rank the collection's videos or captions."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a page with a thumbnail of each hit."),
+    index: Optional[Path] = typer.Option(None, help="Index folder (default: FEATURES/index/clip or "
+                                         "FEATURES/index/run-<hash>, as `index` builds it)."),
     pretrained: Optional[str] = typer.Option(None, help="CLIP weights for the query, if the features' own tag "
                                              "or path has moved (same model and weights!)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     verbose: bool = typer.Option(False),
 ):
-    """Rank the collection against a text (or a video): coarse index, then the full head; best second of each hit."""
+    """Rank the collection against a text (or a video): the saved index, then the full head; best second of each hit.
+
+    Builds the index when there is none; refuses a stale one (run `index` to update it)."""
     _setup_logging(verbose)
     from pipeline.read import FeaturesError
     from workflows.evaluate import EvalError
@@ -386,15 +390,74 @@ def search(
     try:
         if video is not None:
             result = search_video(features, video, run=run, target=target, top=top, candidates=candidates,
-                                  device=dev, pretrained=pretrained)
+                                  device=dev, pretrained=pretrained, index_dir=index)
         else:
             result = search_text(features, query, run=run, top=top, candidates=candidates, device=dev,
-                                 pretrained=pretrained)
+                                 pretrained=pretrained, index_dir=index)
     except (SearchError, FeaturesError, EvalError) as e:
         _fail(str(e))
     typer.echo(format_result(result))
     if html:
         typer.echo(f"page with thumbnails in {write_html(result, html)}")
+
+
+@app.command()
+def index(
+    features: Path = typer.Option(Path("features"), help="Output folder of `extract`."),
+    run: Optional[Path] = typer.Option(None, help="Run folder of train-heads; without it: plain CLIP (meanP)."),
+    out: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: FEATURES/index/clip or "
+                                       "FEATURES/index/run-<hash>)."),
+    exact_below: int = typer.Option(50_000, min=1, help="Collections smaller than this get an exact stage 1; "
+                                    "larger ones FAISS HNSW (exact without faiss)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (to encode the videos)"),
+    verbose: bool = typer.Option(False),
+):
+    """Build (or update) the saved search index: the head's query-independent codes of every video and the
+    stage-1 index. A rerun encodes only new or changed shards."""
+    _setup_logging(verbose)
+    from pipeline.read import FeaturesError
+    from workflows.evaluate import EvalError
+    from workflows.search import SearchError, format_index_report, make_index
+
+    try:
+        report = make_index(features, run, _device(device), out, exact_below)
+    except (SearchError, FeaturesError, EvalError) as e:
+        _fail(str(e))
+    typer.echo(format_index_report(report))
+
+
+@app.command()
+def serve(
+    features: Path = typer.Option(Path("features"), help="Output folder of `extract`."),
+    run: Optional[Path] = typer.Option(None, help="Run folder of train-heads; without it: plain CLIP (meanP)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the default serves this machine only."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    index: Optional[Path] = typer.Option(None, help="Index folder (as `search --index`)."),
+    candidates: int = typer.Option(200, min=1, help="Stage-1 candidates per query."),
+    pretrained: Optional[str] = typer.Option(None, help="CLIP weights for queries, as `search --pretrained`."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    verbose: bool = typer.Option(False),
+):
+    """Serve a search page and a JSON API over the collection (needs the [serve] extra: fastapi, uvicorn)."""
+    _setup_logging(verbose)
+    from pipeline.read import FeaturesError
+    from workflows.evaluate import EvalError
+    from workflows.search import SearchError, open_searcher
+
+    try:
+        from retrieval.serve import Limits, serve as run_server
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        _fail(f"serve needs FastAPI and uvicorn ({e}): pip install -e '.[serve]'")
+    try:
+        searcher = open_searcher(features, run, _device(device), pretrained, index, build_missing=False)
+        searcher.encoder()  # load CLIP now, not on the first query
+    except (SearchError, FeaturesError, EvalError) as e:
+        _fail(str(e))
+    limits = Limits()
+    limits.candidates = candidates
+    run_server(searcher, host, port, limits)
 
 
 if __name__ == "__main__":

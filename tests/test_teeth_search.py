@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_video, run_cli, tiny_extract_args, write_jsonl
+from retrieval import page as P
 from workflows import search as W
 
 CHROMIUM = shutil.which("chromium")
@@ -136,7 +137,7 @@ def test_control_an_unescaped_page_does_run_the_payloads(nasty, tmp_path, monkey
     hits = [W.Hit(1, 0.5, defang(NASTY_ID), defang(str(videos / NASTY_ID)), 0.5, str(videos / NASTY_ID), caption),
             W.Hit(2, 0.4, IMG_NAME, str(videos / IMG_NAME), 0.5, str(videos / IMG_NAME), "plain")]
     result = W.SearchResult(defang(QUERY), "captions", "plain CLIP", "exact", 2, 2, hits)
-    monkeypatch.setattr(W.html, "escape", lambda s, quote=True: s)
+    monkeypatch.setattr(P.html, "escape", lambda s, quote=True: s)
     dom = render(W.write_html(result, tmp_path / "naive.html"), tmp_path / "profile")
     assert "data-pwned=" in dom
     with pytest.raises(AssertionError):

@@ -1,0 +1,102 @@
+"""Codes: what the head computes once per video (or caption), without the query, and the stage-1 vectors.
+
+The full head cannot be an index: S4 pools each video with the query. But everything before the query
+meets the video can be computed once and stored:
+  frames  (V, F, D)    the fine match's per-frame vectors, L2-normalised (h; f when the head has no fine term)
+  beta    (V, F)       the fine match's frame weights
+  nframes (V,)         real frames (the rest is padding)
+  keys    (V, F, H, d) S4's attention keys k(f), per head
+  values  (V, F, H, D) S4's values v(f) already through its output projection, per head
+  pooled  (V, D)       the normalised pooled video, for a coarse term without S4 (meanP, seqTransf)
+Stage 1 ranks by an inner product in the run's own space (never plain CLIP's, unless there is no run):
+  video   [w_c * normalise(S4 pooling with uniform attention, or v_bar), w_f * sum_i beta_i h_i]
+  text    [normalise(t), sum_n alpha_n normalise(w_e_n)]
+The coarse part is what S4 gives a query that attends to every frame alike; the fine part is the
+frame- and word-weighted means, a lower bound of DRL's max-based match. w_c, w_f are the head's
+fusion weights. For meanP and seqTransf the inner product is the head's score exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from heads.layers import masked_softmax
+from heads.model import RetrievalHead, TextFeatures
+
+CODE_NAMES = ("frames", "beta", "nframes", "keys", "values", "pooled")
+
+
+def frame_mask(nframes: Tensor, width: int) -> Tensor:
+    return torch.arange(width, device=nframes.device)[None, :] < nframes[:, None]  # (V, F)
+
+
+def fusion_weights(model: RetrievalHead) -> tuple[float, float]:
+    """(w_c, w_f) of the head's own fusion: score = w_c * coarse + w_f * fine."""
+    one, zero = torch.ones(()), torch.zeros(())
+    if not (model.cfg.coarse and model.cfg.fine):
+        return 1.0, 1.0
+    return float(model._fuse(one, zero)), float(model._fuse(zero, one))
+
+
+@torch.inference_mode()
+def video_codes(model: RetrievalHead, frames: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """The stored codes of a block of videos: frames (V, F, Dv) before projection, mask (V, F)."""
+    video = model.encode_video(frames, mask)
+    out = {"nframes": mask.sum(1).to(torch.int16),
+           "frames": F.normalize(video.h if model.cfg.fine else video.f, dim=-1),
+           "beta": video.beta.float()}
+    pool = model.pool
+    if pool is not None:
+        out["keys"] = pool.k(video.f).unflatten(-1, (pool.heads, -1))  # (V, F, H, d)
+        values = pool.v(video.f).unflatten(-1, (pool.heads, -1))  # (V, F, H, d)
+        w_out = pool.out.weight.T.unflatten(0, (pool.heads, -1))  # (H, d, D)
+        out["values"] = torch.einsum("vfhd,hdo->vfho", values, w_out)  # (V, F, H, D)
+    elif model.cfg.coarse:
+        out["pooled"] = F.normalize(video.v_bar, dim=-1)  # (V, D)
+    return out
+
+
+def _finish_pool(pool, z: Tensor) -> Tensor:
+    z = pool.ln1(z + pool.out.bias)
+    return pool.ln2(z + pool.drop(pool.linear(z)))
+
+
+def pool_with_text(pool, t: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """S4 for every (text, video) pair from stored keys and values: v (Nt, Nv, D), attention (Nt, Nv, H, F).
+    The same computation as TextConditionedPool.forward, without redoing k(f) and v(f) per query."""
+    q = pool.q(t).unflatten(-1, (pool.heads, -1))  # (Nt, H, d)
+    logits = torch.einsum("thd,vfhd->tvhf", q, keys) / math.sqrt(q.shape[-1])
+    attn = masked_softmax(logits, mask[None, :, None, :])  # (Nt, Nv, H, F)
+    return _finish_pool(pool, torch.einsum("tvhf,vfho->tvo", attn, values)), attn
+
+
+@torch.inference_mode()
+def video_stage1(model: RetrievalHead, codes: dict[str, Tensor]) -> Tensor:
+    """(V, Dc) stage-1 vectors of videos from their codes."""
+    w_c, w_f = fusion_weights(model)
+    mask = frame_mask(codes["nframes"], codes["frames"].shape[1])
+    parts = []
+    if model.cfg.coarse:
+        if model.pool is not None:
+            weights = (mask / mask.sum(1, keepdim=True)).to(codes["values"].dtype)  # uniform attention (V, F)
+            z = torch.einsum("vf,vfho->vo", weights, codes["values"])
+            pooled = F.normalize(_finish_pool(model.pool, z), dim=-1)
+        else:
+            pooled = codes["pooled"]
+        parts.append(w_c * pooled)
+    if model.cfg.fine:
+        parts.append(w_f * torch.einsum("vf,vfd->vd", codes["beta"], codes["frames"]))
+    return torch.cat(parts, 1).float()
+
+
+def text_stage1(model: RetrievalHead, text: TextFeatures) -> Tensor:
+    """(Nt, Dc) stage-1 vectors of encoded texts."""
+    parts = []
+    if model.cfg.coarse:
+        parts.append(F.normalize(text.t, dim=-1))
+    if model.cfg.fine:
+        parts.append(torch.einsum("tn,tnd->td", text.alpha, F.normalize(text.w_e, dim=-1)))
+    return torch.cat(parts, 1).float()
