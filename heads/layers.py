@@ -195,20 +195,31 @@ class TextConditionedPool(nn.Module):
     def _split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1))  # (..., D) -> (..., H, D/H)
 
-    def attention(self, t: Tensor, f: Tensor, mask: Tensor, aligned: bool = False) -> Tensor:
+    def video_side(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        """What S4 needs of each video, whatever the text: keys (Nv, F, H, d) and values already through the
+        output projection (Nv, F, H, D). The output projection is linear, so it is applied to each video's
+        frames before pairing: per pair only a weighted sum over frames remains (H*F*D instead of D*D
+        multiply-adds). A search index stores these once per video."""
+        keys = self._split(self.k(f))  # (Nv, F, H, d)
+        values = self._split(self.v(f))  # (Nv, F, H, d)
+        w_out = self.out.weight.T.unflatten(0, (self.heads, -1))  # (H, d, D)
+        return keys, torch.einsum("vfhd,hdo->vfho", values, w_out)  # (Nv, F, H, d), (Nv, F, H, D)
+
+    def attention(self, t: Tensor, keys: Tensor, mask: Tensor, aligned: bool = False) -> Tensor:
         """Attention of each text over each video's frames: (Nt, Nv, H, F), or (N, H, F) if aligned."""
-        q, k = self._split(self.q(t)), self._split(self.k(f))  # (Nt, H, d), (Nv, F, H, d)
-        logits = torch.einsum("nhd,nfhd->nhf" if aligned else "thd,vfhd->tvhf", q, k) / math.sqrt(q.shape[-1])
+        q = self._split(self.q(t))  # (Nt, H, d)
+        logits = torch.einsum("nhd,nfhd->nhf" if aligned else "thd,vfhd->tvhf", q, keys) / math.sqrt(q.shape[-1])
         frame_mask = mask[:, None, :] if aligned else mask[None, :, None, :]
         return masked_softmax(logits, frame_mask)
 
-    def forward(self, t: Tensor, f: Tensor, mask: Tensor, aligned: bool = False) -> Tensor:
-        attn = self.attention(t, f, mask, aligned)  # (Nt, Nv, H, F) or (N, H, F)
-        values = self._split(self.v(f))  # (Nv, F, H, d)
-        # The output projection is linear, so it is applied to each video's frames before pairing:
-        # per pair only a weighted sum over frames remains (H*F*D instead of D*D multiply-adds).
-        w_out = self.out.weight.T.unflatten(0, (self.heads, -1))  # (H, d, D)
-        projected = torch.einsum("vfhd,hdo->vfho", values, w_out)  # (Nv, F, H, D)
-        z = torch.einsum("nhf,nfho->no" if aligned else "tvhf,vfho->tvo", attn, projected) + self.out.bias
+    def pool(self, t: Tensor, keys: Tensor, values: Tensor, mask: Tensor, aligned: bool = False,
+             attn: Tensor | None = None) -> Tensor:
+        """v for every (text, video) pair, (Nt, Nv, D), or (N, D) if aligned, from video_side's keys and
+        values; attn: this very attention when the caller has it already."""
+        attn = self.attention(t, keys, mask, aligned) if attn is None else attn  # (Nt, Nv, H, F) or (N, H, F)
+        z = torch.einsum("nhf,nfho->no" if aligned else "tvhf,vfho->tvo", attn, values) + self.out.bias
         z = self.ln1(z)  # (Nt, Nv, D)
         return self.ln2(z + self.drop(self.linear(z)))  # (Nt, Nv, D) or (N, D)
+
+    def forward(self, t: Tensor, f: Tensor, mask: Tensor, aligned: bool = False) -> Tensor:
+        return self.pool(t, *self.video_side(f), mask, aligned)

@@ -25,7 +25,8 @@ class _Rows:
     """Row selection for a dataclass of tensors that share their first dimension."""
 
     def index(self, idx):
-        return type(self)(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return type(self)(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                             for f in fields(self)})
 
     def __len__(self):
         return len(self.mask)
@@ -39,6 +40,8 @@ class VideoFeatures(_Rows):
     h: Tensor  # (Nv, F, D) enhanced local features
     beta: Tensor  # (Nv, F) adaptive frame weights normalised over real frames (uniform without S2), 0 on padding
     mask: Tensor  # (Nv, F) True = real frame
+    pool_keys: Optional[Tensor] = None  # (Nv, F, H, d) S4's attention keys (TextConditionedPool.video_side); None without S4
+    pool_values: Optional[Tensor] = None  # (Nv, F, H, D) S4's values through its output projection
 
 
 @dataclass
@@ -106,7 +109,14 @@ class RetrievalHead(nn.Module):
             beta = normalised_frame_weights(self.frame_weights(h, frame_mask), frame_mask)  # (Nv, F)
         else:
             h, beta = f, frame_mask / frame_mask.sum(1, keepdim=True).clamp(min=1)  # (Nv, F, D), (Nv, F)
-        return VideoFeatures(f0=f0, f=f, v_bar=v_bar, h=h, beta=beta.to(f.dtype), mask=frame_mask)
+        keys, values = self.pool.video_side(self._coarse_input(f)) if self.pool is not None else (None, None)
+        return VideoFeatures(f0=f0, f=f, v_bar=v_bar, h=h, beta=beta.to(f.dtype), mask=frame_mask,
+                             pool_keys=keys, pool_values=values)
+
+    def _coarse_input(self, x: Tensor) -> Tensor:
+        """The temporal features as the coarse term sees them: through a stop-gradient with temporal_grad
+        "fine" (the forward, and so inference, is the same either way)."""
+        return x.detach() if self.cfg.temporal_grad == "fine" and self.cfg.fine else x
 
     # ---- S3: text ----------------------------------------------------------------------------------
     def encode_text(self, text_global: Tensor, tokens: Tensor, token_mask: Tensor,
@@ -155,15 +165,14 @@ class RetrievalHead(nn.Module):
         w = self.fusion_logits.softmax(0)
         return w[0] * coarse + w[1] * fine
 
-    def _coarse(self, text: TextFeatures, video: VideoFeatures, aligned: bool) -> Tensor:
+    def _coarse(self, text: TextFeatures, video: VideoFeatures, aligned: bool, attn: Optional[Tensor] = None) -> Tensor:
+        """cos(t, v); attn: S4's attention for these pairs when the caller has computed it already."""
         t = F.normalize(text.t, dim=-1)  # (Nt, D)
-        # temporal_grad "fine": the coarse term uses the temporal features but does not train the encoder
-        stop = self.cfg.temporal_grad == "fine" and self.cfg.fine
         if self.pool is None:
-            v = F.normalize(video.v_bar.detach() if stop else video.v_bar, dim=-1)  # (Nv, D)
+            v = F.normalize(self._coarse_input(video.v_bar), dim=-1)  # (Nv, D)
             return (t * v).sum(-1) if aligned else t @ v.T  # (N,) or (Nt, Nv)
-        f = video.f.detach() if stop else video.f  # (Nv, F, D)
-        v = F.normalize(self.pool(text.t, f, video.mask, aligned), dim=-1)  # (N, D) or (Nt, Nv, D)
+        v = self.pool.pool(text.t, video.pool_keys, video.pool_values, video.mask, aligned, attn)
+        v = F.normalize(v, dim=-1)  # (N, D) or (Nt, Nv, D)
         return (t * v).sum(-1) if aligned else torch.einsum("td,tvd->tv", t, v)
 
     def _word_frame_cos(self, text: TextFeatures, video: VideoFeatures, aligned: bool):
@@ -177,16 +186,28 @@ class RetrievalHead(nn.Module):
         c = torch.einsum("twd,vfd->tvwf", w, h)  # (Nt, Nv, N, F)
         return c, video.mask.unsqueeze(0), video.beta.unsqueeze(0)  # (1, Nv, F)
 
-    def _fine(self, text: TextFeatures, video: VideoFeatures, aligned: bool) -> Tensor:
-        """DRL's weighted token interaction with the patent's frame weights."""
+    def _fine(self, text: TextFeatures, video: VideoFeatures, aligned: bool, best_word_out: Optional[list] = None) -> Tensor:
+        """DRL's weighted token interaction with the patent's frame weights. best_word_out: a list that
+        receives each frame's best-word cosine (Nt, Nv, F), for explain, when not aligned."""
         c, frame_mask, beta = self._word_frame_cos(text, video, aligned)  # (Nt, Nv, N, F), (., ., F), (., ., F)
         word_mask = text.mask.unsqueeze(1)  # (Nt, 1, N)
         best_frame = c.masked_fill(~frame_mask.unsqueeze(2), -math.inf).amax(-1)  # (Nt, Nv, N)
         best_word = c.masked_fill(~word_mask.unsqueeze(-1), -math.inf).amax(-2)  # (Nt, Nv, F)
+        if best_word_out is not None:
+            best_word_out.append(best_word)
         t2v = torch.where(word_mask, best_frame * text.alpha.unsqueeze(1), 0).sum(-1)  # (Nt, Nv)
         v2t = torch.where(frame_mask, best_word * beta, 0).sum(-1)  # (Nt, Nv)
         s = (t2v + v2t) / 2
         return s.squeeze(1) if aligned else s
+
+    def score_explained(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
+        """score() and explain() at once, (Nt, Nv) and (Nt, Nv, F): S4's attention and the word x frame
+        cosines are computed once for both (search shows each hit's best second)."""
+        attn = self.pool.attention(text.t, video.pool_keys, video.mask) if self.pool is not None else None
+        coarse = self._coarse(text, video, False, attn) if self.cfg.coarse else None
+        best_word: list = []
+        fine = self._fine(text, video, False, best_word) if self.cfg.fine else None
+        return self._fuse(coarse, fine), self._relevance(text, video, attn, best_word[0] if best_word else None)
 
     def explain(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
         """Per-frame relevance (Nt, Nv, F), 0 on padding; compare frames within one pair, not across pairs.
@@ -194,12 +215,20 @@ class RetrievalHead(nn.Module):
         The sum of the S4 attention over frames (mean over heads) and each frame's best-word cosine of the
         fine match; a head with neither term uses cos(t, f_i).
         """
-        relevance = 0
-        if self.pool is not None:
-            relevance = relevance + self.pool.attention(text.t, video.f, video.mask).mean(2)  # (Nt, Nv, F)
+        attn = self.pool.attention(text.t, video.pool_keys, video.mask) if self.pool is not None else None
+        best_word = None
         if self.cfg.fine:
             c, _, _ = self._word_frame_cos(text, video, aligned=False)  # (Nt, Nv, N, F)
-            relevance = relevance + c.masked_fill(~text.mask[:, None, :, None], -math.inf).amax(2)  # (Nt, Nv, F)
+            best_word = c.masked_fill(~text.mask[:, None, :, None], -math.inf).amax(2)  # (Nt, Nv, F)
+        return self._relevance(text, video, attn, best_word)
+
+    def _relevance(self, text: TextFeatures, video: VideoFeatures, attn: Optional[Tensor],
+                   best_word: Optional[Tensor]) -> Tensor:
+        relevance = 0
+        if attn is not None:
+            relevance = relevance + attn.mean(2)  # (Nt, Nv, F)
+        if best_word is not None:
+            relevance = relevance + best_word  # (Nt, Nv, F)
         if not torch.is_tensor(relevance):
             t, f = F.normalize(text.t, dim=-1), F.normalize(video.f, dim=-1)  # (Nt, D), (Nv, F, D)
             relevance = torch.einsum("td,vfd->tvf", t, f)  # (Nt, Nv, F)

@@ -17,14 +17,11 @@ fusion weights. For meanP and seqTransf the inner product is the head's score ex
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from heads.layers import masked_softmax
-from heads.model import RetrievalHead, TextFeatures
+from heads.model import RetrievalHead, TextFeatures, VideoFeatures
 
 CODE_NAMES = ("frames", "beta", "nframes", "keys", "values", "pooled")
 
@@ -48,29 +45,20 @@ def video_codes(model: RetrievalHead, frames: Tensor, mask: Tensor) -> dict[str,
     out = {"nframes": mask.sum(1).to(torch.int16),
            "frames": F.normalize(video.h if model.cfg.fine else video.f, dim=-1),
            "beta": video.beta.float()}
-    pool = model.pool
-    if pool is not None:
-        out["keys"] = pool.k(video.f).unflatten(-1, (pool.heads, -1))  # (V, F, H, d)
-        values = pool.v(video.f).unflatten(-1, (pool.heads, -1))  # (V, F, H, d)
-        w_out = pool.out.weight.T.unflatten(0, (pool.heads, -1))  # (H, d, D)
-        out["values"] = torch.einsum("vfhd,hdo->vfho", values, w_out)  # (V, F, H, D)
+    if model.pool is not None:
+        out["keys"], out["values"] = video.pool_keys, video.pool_values  # (V, F, H, d), (V, F, H, D)
     elif model.cfg.coarse:
         out["pooled"] = F.normalize(video.v_bar, dim=-1)  # (V, D)
     return out
 
 
-def _finish_pool(pool, z: Tensor) -> Tensor:
-    z = pool.ln1(z + pool.out.bias)
-    return pool.ln2(z + pool.drop(pool.linear(z)))
-
-
-def pool_with_text(pool, t: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """S4 for every (text, video) pair from stored keys and values: v (Nt, Nv, D), attention (Nt, Nv, H, F).
-    The same computation as TextConditionedPool.forward, without redoing k(f) and v(f) per query."""
-    q = pool.q(t).unflatten(-1, (pool.heads, -1))  # (Nt, H, d)
-    logits = torch.einsum("thd,vfhd->tvhf", q, keys) / math.sqrt(q.shape[-1])
-    attn = masked_softmax(logits, mask[None, :, None, :])  # (Nt, Nv, H, F)
-    return _finish_pool(pool, torch.einsum("tvhf,vfho->tvo", attn, values)), attn
+def video_features(codes: dict[str, Tensor]) -> VideoFeatures:
+    """The head's VideoFeatures rebuilt from codes, for its own score / explain: frames stand in for h and f
+    (the head normalises them again; normalising twice changes nothing), the pooled vector for v_bar."""
+    frames = codes["frames"]
+    return VideoFeatures(f0=None, f=frames, v_bar=codes.get("pooled"), h=frames, beta=codes["beta"],
+                         mask=frame_mask(codes["nframes"], frames.shape[1]),
+                         pool_keys=codes.get("keys"), pool_values=codes.get("values"))
 
 
 @torch.inference_mode()
@@ -81,9 +69,10 @@ def video_stage1(model: RetrievalHead, codes: dict[str, Tensor]) -> Tensor:
     parts = []
     if model.cfg.coarse:
         if model.pool is not None:
-            weights = (mask / mask.sum(1, keepdim=True)).to(codes["values"].dtype)  # uniform attention (V, F)
-            z = torch.einsum("vf,vfho->vo", weights, codes["values"])
-            pooled = F.normalize(_finish_pool(model.pool, z), dim=-1)
+            values = codes["values"]  # (V, F, H, D)
+            uniform = (mask / mask.sum(1, keepdim=True)).to(values.dtype)  # (V, F)
+            uniform = uniform.unsqueeze(1).expand(-1, values.shape[2], -1)  # (V, H, F): every frame alike
+            pooled = F.normalize(model.pool.pool(None, None, values, mask, aligned=True, attn=uniform), dim=-1)
         else:
             pooled = codes["pooled"]
         parts.append(w_c * pooled)

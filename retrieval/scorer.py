@@ -12,43 +12,22 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from heads.model import RetrievalHead, TextFeatures
 
-from .codes import frame_mask, pool_with_text
+from .codes import video_features
 
 CHUNK = 256  # candidates per block
 
 
 @torch.inference_mode()
 def score(model: RetrievalHead, text: TextFeatures, codes: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Scores (Nt, Nv) of every text with every coded video, and each pair's frame relevance (Nt, Nv, F):
-    the S4 attention (mean over heads) plus each frame's best-word cosine, as explain(); -inf on padding."""
-    frames = codes["frames"]  # (Nv, F, D), normalised
-    mask = frame_mask(codes["nframes"], frames.shape[1])  # (Nv, F)
-    coarse = fine = None
-    relevance = torch.zeros(len(text), len(frames), frames.shape[1])
-    if model.cfg.coarse:
-        t = F.normalize(text.t, dim=-1)  # (Nt, D)
-        if model.pool is not None:
-            v, attn = pool_with_text(model.pool, text.t, codes["keys"], codes["values"], mask)  # (Nt, Nv, D)
-            coarse = torch.einsum("td,tvd->tv", t, F.normalize(v, dim=-1))
-            relevance = relevance + attn.mean(2)
-        else:
-            coarse = t @ codes["pooled"].T  # (Nt, Nv)
-    if model.cfg.fine:
-        c = torch.einsum("twd,vfd->tvwf", F.normalize(text.w_e, dim=-1), frames)  # (Nt, Nv, N, F)
-        best_frame = c.masked_fill(~mask[None, :, None, :], -math.inf).amax(-1)  # (Nt, Nv, N)
-        best_word = c.masked_fill(~text.mask[:, None, :, None], -math.inf).amax(-2)  # (Nt, Nv, F)
-        t2v = torch.where(text.mask[:, None, :], best_frame * text.alpha[:, None, :], 0).sum(-1)
-        v2t = torch.where(mask[None], best_word * codes["beta"][None], 0).sum(-1)
-        fine = (t2v + v2t) / 2  # (Nt, Nv)
-        relevance = relevance + best_word
-    if not (model.pool is not None or model.cfg.fine):  # explain's fallback: cos(t, f_i)
-        relevance = torch.einsum("td,vfd->tvf", F.normalize(text.t, dim=-1), frames)
-    return model._fuse(coarse, fine), relevance.masked_fill(~mask[None], -math.inf)
+    """Scores (Nt, Nv) of every text with every coded video, and each pair's frame relevance (Nt, Nv, F)
+    (RetrievalHead.score_explained on the codes), -inf on padding so that a padding frame never wins."""
+    video = video_features(codes)
+    scores, relevance = model.score_explained(text, video)
+    return scores, relevance.masked_fill(~video.mask[None], -math.inf)
 
 
 # (scores (B,), frame relevance (B, F), -inf on padding) of a block of candidate indices
