@@ -168,6 +168,12 @@ def train_heads(
     amp: str = typer.Option("none", help="Mixed precision on CUDA: none (fp32, the default: with bf16, 9 of 33 "
                             "full-head runs on an H200 hit a NaN/inf gradient) | bf16 | fp16; ignored on CPU."),
     unfreeze_proj: bool = typer.Option(False, help="Fine-tune CLIP's image and text projections too."),
+    unfreeze_blocks: int = typer.Option(0, min=0, help="Train CLIP's last K blocks of each tower with the head, on "
+                                        "the tokens `extract --cache-blocks K` (or more) cached; 0: the head alone."),
+    clip_lr: float = typer.Option(1e-6, min=0.0, help="Peak learning rate of CLIP's blocks with --unfreeze-blocks "
+                                  "(X-Pool's; CLIP4Clip's 1e-3 x the head's lr)."),
+    checkpoint_activations: bool = typer.Option(False, help="With --unfreeze-blocks: recompute the blocks' "
+                                                "activations in the backward pass (less GPU memory, more compute)."),
     no_video_enhance: bool = typer.Option(False, help="Ablation: no S2 LSTM / adaptive frame weights."),
     no_text_enhance: bool = typer.Option(False, help="Ablation: no S3 keyword-guided word features."),
     no_interaction: bool = typer.Option(False, help="Ablation: mean-pooled video feature instead of S4."),
@@ -197,9 +203,10 @@ def train_heads(
                           unfreeze_proj=unfreeze_proj, fusion=fusion, loss_terms=loss_terms)
         cfg = RunConfig(features=str(features.resolve()), head=head,
                         train=TrainConfig(epochs=epochs or 0, lr=lr, temporal_lr=temporal_lr,
-                                          weight_decay=weight_decay, warmup=warmup,
+                                          weight_decay=weight_decay, warmup=warmup, clip_lr=clip_lr,
                                           seed=seed, device=dev, amp=amp, checkpoint_every=checkpoint_every),
-                        batch_size=batch_size, max_words=max_words, val_split=val_split)
+                        batch_size=batch_size, max_words=max_words, val_split=val_split,
+                        unfreeze_blocks=unfreeze_blocks, checkpoint_activations=checkpoint_activations)
         train(cfg, out, resume=resume, min_steps=min_steps)
     except (FeaturesError, ValueError) as e:
         _fail(str(e))

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,17 @@ class ResidualBlock(nn.Module):
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
+def run_blocks(blocks: nn.ModuleList, x: Tensor, attn_mask: Tensor | None = None, checkpoint: bool = False) -> Tensor:
+    """x through the blocks; checkpoint: recompute each trainable block's activations in the backward pass
+    instead of keeping them (less memory, about a third more compute), only where a gradient is being taken."""
+    for block in blocks:
+        if checkpoint and torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters()):
+            x = _checkpoint(block, x, attn_mask, use_reentrant=False)
+        else:
+            x = block(x, attn_mask)
+    return x
+
+
 def _blocks(spec: TowerSpec, tensors: dict[str, Tensor], prefix: str) -> nn.ModuleList:
     blocks = nn.ModuleList()
     for j in range(spec.blocks):
@@ -92,6 +104,7 @@ class ImageTail(nn.Module):
         if pool_type not in ("tok", "avg"):
             raise ValueError(f"image pool_type {pool_type!r} is not supported (tok or avg)")
         self.spec, self.pool_type, self.final_ln_after_pool = spec, pool_type, final_ln_after_pool
+        self.checkpoint = False  # activation checkpointing of the trainable blocks (run_blocks)
         self.resblocks = _blocks(spec, tensors, "visual.")
         self.ln_post = nn.LayerNorm(spec.width, eps=ln_post_eps)
         self.ln_post.load_state_dict({"weight": tensors["visual.ln_post.weight"],
@@ -103,9 +116,7 @@ class ImageTail(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, N, Dv) block input -> (B, Dv) pooled feature before projection (a shard's `frames` row)."""
-        x = tokens.to(self.proj.dtype)
-        for block in self.resblocks:
-            x = block(x)  # (B, N, Dv)
+        x = run_blocks(self.resblocks, tokens.to(self.proj.dtype), checkpoint=self.checkpoint)  # (B, N, Dv)
         if self.final_ln_after_pool:
             return self.ln_post(self._pool(x))
         return self._pool(self.ln_post(x))
@@ -124,6 +135,7 @@ class TextTail(nn.Module):
     def __init__(self, spec: TowerSpec, tensors: dict[str, Tensor], ln_final_eps: float):
         super().__init__()
         self.spec = spec
+        self.checkpoint = False  # activation checkpointing of the trainable blocks (run_blocks)
         self.resblocks = _blocks(spec, tensors, "text.")
         self.ln_final = nn.LayerNorm(spec.width, eps=ln_final_eps)
         self.ln_final.load_state_dict({"weight": tensors["text.ln_final.weight"],
@@ -136,9 +148,7 @@ class TextTail(nn.Module):
         x = tokens.to(self.text_projection.dtype)
         n = x.shape[1]
         causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu(1)  # (L, L)
-        for block in self.resblocks:
-            x = block(x, attn_mask=causal)
-        x = self.ln_final(x)  # (B, L, Dt)
+        x = self.ln_final(run_blocks(self.resblocks, x, causal, self.checkpoint))  # (B, L, Dt)
         eot = lengths.to(x.device).long() - 1
         return x, x[torch.arange(x.shape[0], device=x.device), eot]
 

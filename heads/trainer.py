@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .config import HeadConfig
 from .model import RetrievalHead
+from .tuned import HEAD_PREFIX, TAIL_PREFIX, head_state
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate of the heads (frozen features: 1e-4 learnt 5x slower on the synthetic set)
     temporal_lr: Optional[float] = None  # peak learning rate of the temporal encoder (copied from CLIP's text
     # blocks); None: lr
+    clip_lr: float = 1e-6  # peak learning rate of CLIP's own blocks when they train (train-heads --unfreeze-blocks):
+    # X-Pool's clip_lr, and CLIP4Clip's ratio (coef_lr 1e-3 x its lr) applied to our head lr 1e-3
     weight_decay: float = 0.2  # AdamW decay on weight matrices only
     warmup: float = 0.1  # fraction of all steps spent in linear warm-up before the cosine decay
     grad_clip: float = 1.0  # max global gradient norm
@@ -49,22 +52,28 @@ class NonFiniteLoss(FloatingPointError):
     """Training produced a NaN or infinite loss or gradient; last.pt still holds the last finished epoch."""
 
 
-def param_groups(model: nn.Module, weight_decay: float, temporal_lr: Optional[float] = None) -> list[dict]:
-    """Decay weight matrices only; no decay on biases, LayerNorm, position embeddings or tau (as CLIP does).
-    temporal_lr: a learning rate of its own for the temporal encoder (its groups carry "lr"); None: the same."""
-    groups: dict[tuple[bool, bool], list] = {}
+def param_groups(model: nn.Module, weight_decay: float, temporal_lr: Optional[float] = None,
+                 clip_lr: Optional[float] = None) -> list[dict]:
+    """Decay weight matrices only; no decay on biases, LayerNorm (and LayerScale) gains, position embeddings or
+    tau (as CLIP does). temporal_lr: a learning rate of its own for the temporal encoder; clip_lr: one for CLIP's
+    own blocks in a TunedHead (its "tail."); such groups carry "lr". None: the same as the rest."""
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or "position_embedding" in name or "logit_scale" in name
-        own_lr = temporal_lr is not None and name.startswith("temporal.")
-        groups.setdefault((skip, own_lr), []).append(p)
+        own = "base"
+        if clip_lr is not None and name.startswith(TAIL_PREFIX):
+            own = "clip"
+        elif temporal_lr is not None and name.removeprefix(HEAD_PREFIX).startswith("temporal."):
+            own = "temporal"
+        groups.setdefault((own, skip), []).append(p)
     out = []
-    for own_lr in (False, True):
+    for own, lr in (("base", None), ("temporal", temporal_lr), ("clip", clip_lr)):
         for skip in (False, True):
-            if (skip, own_lr) in groups or not own_lr:  # the two plain groups always exist
-                group = {"params": groups.get((skip, own_lr), []), "weight_decay": 0.0 if skip else weight_decay}
-                out.append({**group, "lr": temporal_lr} if own_lr else group)
+            if (own, skip) in groups or own == "base":  # the two plain groups always exist
+                group = {"params": groups.get((own, skip), []), "weight_decay": 0.0 if skip else weight_decay}
+                out.append({**group, "lr": lr} if lr is not None and own != "base" else group)
     return out
 
 
@@ -106,10 +115,13 @@ def _plain(v):
     return v.item() if torch.is_tensor(v) and v.numel() == 1 else v
 
 
-def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], steps_per_epoch: int,
+def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_per_epoch: int,
         cfg: TrainConfig, run_dir, validate: Optional[Callable[[RetrievalHead], dict]] = None,
         on_epoch_end: Optional[Callable[[dict], None]] = None, resume: bool = False) -> list[dict]:
     """Train for cfg.epochs; return one dict per epoch (epoch, loss, lr, seconds, data_wait_share, validate()).
+
+    model: a RetrievalHead, or a module that wraps one as heads/tuned.py's TunedHead does (forward(batch) ->
+    (loss, logs), .cfg, clamp_logit_scale_(), and optionally checkpoint_info(): more entries for checkpoints).
 
     train_batches(epoch): batches of the model's input dict for that epoch, deterministic in epoch; at most
     steps_per_epoch are taken. validate(model) -> metrics dict; best.pt tracks its "t2v_R1" (or "R1").
@@ -121,7 +133,7 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.temporal_lr), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.temporal_lr, cfg.clip_lr), lr=cfg.lr)
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(round(cfg.warmup * total_steps), total_steps))
@@ -197,7 +209,8 @@ def fit(model: RetrievalHead, train_batches: Callable[[int], Iterable[dict]], st
                 "epochs_done": epoch + 1, "step": step, "best_metric": best, "history": history,
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "head_config": model.cfg.to_dict(), "train_config": asdict(cfg)}
+                "head_config": model.cfg.to_dict(), "train_config": asdict(cfg),
+                **(model.checkpoint_info() if hasattr(model, "checkpoint_info") else {})}
         if epoch + 1 == cfg.epochs or time.perf_counter() - last_saved >= cfg.checkpoint_every:
             _save(ckpt, run_dir / "last.pt")
             saved_epochs, last_saved = epoch + 1, time.perf_counter()
@@ -217,9 +230,10 @@ def _non_finite_message(what: str, value: float, epoch: int, step: int, run_dir:
 
 
 def load_head(path, map_location="cpu") -> RetrievalHead:
-    """Rebuild a RetrievalHead from a fit() checkpoint (config + weights, projections included)."""
+    """Rebuild a RetrievalHead from a fit() checkpoint (config + weights, projections included). Of a TunedHead's
+    checkpoint this is the head alone: its inputs must come through the trained tail (workflows/tuned_features.py)."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    state = ckpt["model"]
+    state = head_state(ckpt["model"])
     model = RetrievalHead(HeadConfig.from_dict(ckpt["head_config"]), state["proj.image"], state["proj.text"])
     model.load_state_dict(state)
     return model

@@ -83,6 +83,7 @@ class TokenStore:
                               f"rerun with another --cache-blocks); {_remedy(max(blocks))}")
         self.blocks = blocks.pop()
         self._local = threading.local()
+        self._maps: dict[tuple[int, str], np.ndarray] = {}  # see array()
 
     def tail(self):
         """(tensors, info) of the saved tail, checked against the shards' K."""
@@ -99,6 +100,34 @@ class TokenStore:
         if shard_pos not in files:
             files[shard_pos] = h5py.File(self.shard_dirs[shard_pos] / S.FEATURES_FILE, "r")
         return files[shard_pos]
+
+    def array(self, shard_pos: int, name: str):
+        """One cache dataset of a shard, for reads by index: a read-only numpy memmap when it is stored
+        contiguous and uncompressed (as pipeline/write.py stores it), else the h5py dataset of this thread.
+        A memmap needs neither h5py's per-read cost nor its global lock, so several loader threads read at once."""
+        key = (shard_pos, name)
+        if key not in self._maps:
+            ds = self._h5(shard_pos)[name]
+            offset = ds.id.get_offset() if ds.chunks is None and ds.compression is None else None
+            if offset is None or ds.size == 0:  # chunked, filtered or empty: no single byte range to map
+                return ds
+            self._maps[key] = np.memmap(self.shard_dirs[shard_pos] / S.FEATURES_FILE, dtype=ds.dtype, mode="r",
+                                        offset=offset, shape=ds.shape)
+        return self._maps[key]
+
+    def frame_rows(self, shard_pos: int) -> np.ndarray:
+        """(Tc,) int64: the row in `frames` of each cached frame of the shard, increasing."""
+        return np.asarray(self._h5(shard_pos)[S.H5_FRAME_BLOCK_ROWS][()], np.int64)
+
+    def keyword_table(self, shard_pos: int) -> np.ndarray:
+        """(C, K) int64: each caption's rows in the shard's keyword table (-1 = none), the shard's keyword_index."""
+        return np.asarray(self._h5(shard_pos)[S.H5_KEYWORD_INDEX][()], np.int64)
+
+    def keyword_spans(self, shard_pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """(V,) start and (V,) length of each keyword row's tokens in keyword_block_tokens."""
+        h5 = self._h5(shard_pos)
+        return (np.asarray(h5[S.H5_KEYWORD_BLOCK_START][()], np.int64),
+                np.asarray(h5[S.H5_KEYWORD_BLOCK_LENGTH][()], np.int64))
 
     def frame_tokens(self, shard_pos: int, frame_start: int, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
         """A video's cached frames: tokens (n_c, N, Dv) float16 and their frame indices in the video (n_c,)."""
@@ -118,6 +147,7 @@ class TokenStore:
         return h5[S.H5_KEYWORD_BLOCK_TOKENS][start:start + n]
 
     def close(self) -> None:
+        self._maps = {}
         for f in getattr(self._local, "files", {}).values():
             f.close()
         self._local = threading.local()

@@ -17,6 +17,7 @@ from pipeline.read import FeatureStore
 
 from .data import EvalData
 from .train import RUN_CONFIG, RunConfig, build_head
+from .tuned_features import store_for_run
 
 
 class EvalError(ValueError):
@@ -51,6 +52,7 @@ def evaluate(features: Path, run: Path | None, split: str = "test", dsl: bool = 
     store = FeatureStore(features)
     if run is not None:
         model, cfg, ckpt = load_run(run, store, device)
+        store = store_for_run(run, store, ckpt, device)  # a run that trained CLIP's blocks: its own features
         max_frames = max_frames or cfg.head.max_frames
         max_words = max_words or cfg.max_words
     else:

@@ -21,6 +21,7 @@ from pipeline.schema import CLIP_BLOCKS_FILE
 
 from .data import EvalData, TrainData
 from .figures import pyplot, save_figure
+from .token_data import TokenIndex, TokenTrainData, build_tuned, open_tokens, tuned_inputs
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,19 @@ class RunConfig:
     train_split: str = "train"
     val_split: str = "val"           # best.pt by this split's t2v R@1 when it exists
     eval_chunk: int = 256            # videos (and texts) per scoring block during validation
+    unfreeze_blocks: int = 0         # CLIP's last K blocks of each tower train with the head, on the tokens that
+    # `extract --cache-blocks K` cached (heads/tuned.py); 0: the head alone on the stored features
+    checkpoint_activations: bool = False  # with unfreeze_blocks: recompute the blocks' activations in the backward
 
     def to_dict(self) -> dict:
-        return {"features": self.features, "head": self.head.to_dict(), "train": asdict(self.train),
-                "batch_size": self.batch_size, "max_words": self.max_words, "train_split": self.train_split,
-                "val_split": self.val_split, "eval_chunk": self.eval_chunk}
+        d = {"features": self.features, "head": self.head.to_dict(), "train": asdict(self.train),
+             "batch_size": self.batch_size, "max_words": self.max_words, "train_split": self.train_split,
+             "val_split": self.val_split, "eval_chunk": self.eval_chunk}
+        if self.unfreeze_blocks:
+            d.update(unfreeze_blocks=self.unfreeze_blocks, checkpoint_activations=self.checkpoint_activations)
+        else:  # a head-only run's config stays what it was before CLIP's blocks could train (ablate compares them)
+            d["train"].pop("clip_lr")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -122,17 +131,17 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, min_steps: int = 1000
         cfg = RunConfig.from_dict(json.loads(saved.read_text())["run"])
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.train.device)
-    data = TrainData(store, train_caps, cfg.batch_size, cfg.head.max_frames, cfg.max_words, cfg.train.seed,
-                     pin_memory=device.type == "cuda")
+    tokens = open_tokens(cfg.features, cfg.unfreeze_blocks) if cfg.unfreeze_blocks else None
     val_caps = store.split_captions(cfg.val_split)
-    validate = None
-    if val_caps:
-        val = EvalData(store, val_caps, cfg.head.max_frames, cfg.max_words, cfg.eval_chunk)
-        val_texts = val.texts()
-
-        def validate(model):
-            return rank_all(model, val_texts, val.text_to_video, val.video_chunks(), len(val.videos),
-                            text_chunk=cfg.eval_chunk, device=device).as_dict()
+    if tokens is None:
+        data = TrainData(store, train_caps, cfg.batch_size, cfg.head.max_frames, cfg.max_words, cfg.train.seed,
+                         pin_memory=device.type == "cuda")
+        validate = _validator(store, val_caps, cfg, device) if val_caps else None
+    else:
+        index = TokenIndex(store, tokens)
+        data = TokenTrainData(index, train_caps, cfg.batch_size, cfg.head.max_frames, cfg.max_words, cfg.train.seed,
+                              pin_memory=device.type == "cuda")
+        validate = _tuned_validator(index, val_caps, cfg, device) if val_caps else None
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the run: same seed, same run
     steps = data.steps_per_epoch()
     if cfg.train.epochs <= 0:
@@ -140,6 +149,8 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, min_steps: int = 1000
         print(f"epochs: {cfg.train.epochs} ({steps} steps per epoch; at least 10 epochs and {min_steps} steps)",
               flush=True)
     model = build_head(cfg.head, store)
+    if tokens is not None:
+        model = build_tuned(model, tokens, cfg.unfreeze_blocks, cfg.checkpoint_activations)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info = {"run": cfg.to_dict(), "features_model": asdict(store.info), "train_captions": len(train_caps),
             "train_videos": len(set(data.videos.tolist())), "val_captions": len(val_caps),
@@ -165,4 +176,31 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, min_steps: int = 1000
     fit(model, data, steps, cfg.train, out, validate=validate, on_epoch_end=on_epoch_end,
         resume=resume)
     store.close()
+    if tokens is not None:
+        tokens.close()
     return history
+
+
+def _validator(store: FeatureStore, captions: list[int], cfg: RunConfig, device):
+    val = EvalData(store, captions, cfg.head.max_frames, cfg.max_words, cfg.eval_chunk)
+    val_texts = val.texts()
+
+    def validate(model):
+        return rank_all(model, val_texts, val.text_to_video, val.video_chunks(), len(val.videos),
+                        text_chunk=cfg.eval_chunk, device=device).as_dict()
+    return validate
+
+
+def _tuned_validator(index: TokenIndex, captions: list[int], cfg: RunConfig, device):
+    """Validation of a TunedHead: the split's features through the current blocks, then the head as above."""
+    own = index.store.caption_video(captions)
+
+    def validate(model):
+        texts, videos, chunks = tuned_inputs(model, index, captions, cfg.head.max_frames, cfg.max_words,
+                                             cfg.eval_chunk, device)
+        position = {v: i for i, v in enumerate(videos)}
+        text_to_video = torch.tensor([position[v] for v in own.tolist()], dtype=torch.long)
+        starts = [sum(len(c["frames"]) for c in chunks[:i]) for i in range(len(chunks))]
+        return rank_all(model.head, texts, text_to_video, lambda: zip(starts, chunks), len(videos),
+                        text_chunk=cfg.eval_chunk, device=device).as_dict()
+    return validate
