@@ -161,6 +161,8 @@ def train_heads(
                                "weighted (a learnt convex mix)."),
     loss_terms: str = typer.Option("fused", help="fused: InfoNCE on the joined score | each: also on the fine and "
                                    "the coarse score alone (deep supervision)."),
+    temporal_grad: str = typer.Option("both", help="Which terms train the shared temporal encoder: both | fine (the "
+                                      "coarse term reads it through a stop-gradient; inference is unchanged)."),
     checkpoint_every: float = typer.Option(30.0, min=0.0, help="Seconds between last.pt checkpoints (always after "
                                            "the last epoch); 0: after every epoch."),
     seed: int = typer.Option(0),
@@ -200,7 +202,8 @@ def train_heads(
                           text_enhance=not no_text_enhance, interaction=not no_interaction,
                           fine=not coarse_only, coarse=not fine_only, max_frames=max_frames,
                           temporal_layers=temporal_layers, temporal_init=temporal_init, dropout=dropout,
-                          unfreeze_proj=unfreeze_proj, fusion=fusion, loss_terms=loss_terms)
+                          unfreeze_proj=unfreeze_proj, fusion=fusion, loss_terms=loss_terms,
+                          temporal_grad=temporal_grad)
         cfg = RunConfig(features=str(features.resolve()), head=head,
                         train=TrainConfig(epochs=epochs or 0, lr=lr, temporal_lr=temporal_lr,
                                           weight_decay=weight_decay, warmup=warmup, clip_lr=clip_lr,

@@ -58,6 +58,18 @@ def test_baseline_variants_and_ablation_flags(synthetic_features, tmp_path):
     assert sizes["meanp"] < sizes["coarse"] < sizes["no_video"] < sizes["full"]
 
 
+def test_training_recipe_options_reach_the_saved_run(synthetic_features, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli(*train_args(synthetic_features, run, "--epochs", "1", "--fusion", "mean", "--loss-terms", "each",
+                              "--temporal-grad", "fine", "--temporal-lr", "1e-4"))
+    assert res.returncode == 0, res.stderr
+    saved = json.loads((run / "config.json").read_text())["run"]
+    assert (saved["head"]["fusion"], saved["head"]["loss_terms"], saved["head"]["temporal_grad"]) == ("mean", "each", "fine")
+    assert saved["train"]["temporal_lr"] == 1e-4
+    res = run_cli(*train_args(synthetic_features, tmp_path / "bad", "--epochs", "1", "--temporal-grad", "coarse"))
+    assert res.returncode != 0 and "temporal_grad" in res.stderr
+
+
 def test_zero_shot_eval_without_a_run(synthetic_features):
     res = run_cli("eval", "--features", str(synthetic_features), "--device", "cpu")
     assert res.returncode == 0, res.stderr
