@@ -391,6 +391,7 @@ def search(
     Builds the index when there is none; refuses a stale one (run `index` to update it)."""
     _setup_logging(verbose)
     from pipeline.read import FeaturesError
+    from pipeline.tokens import TokensError
     from workflows.evaluate import EvalError
     from workflows.search import SearchError, format_result, search_text, search_video, write_html
 
@@ -404,7 +405,7 @@ def search(
         else:
             result = search_text(features, query, run=run, top=top, candidates=candidates, device=dev,
                                  pretrained=pretrained, index_dir=index)
-    except (SearchError, FeaturesError, EvalError) as e:
+    except (SearchError, FeaturesError, EvalError, TokensError) as e:
         _fail(str(e))
     typer.echo(format_result(result))
     if html:
@@ -426,12 +427,13 @@ def index(
     stage-1 index. A rerun encodes only new or changed shards."""
     _setup_logging(verbose)
     from pipeline.read import FeaturesError
+    from pipeline.tokens import TokensError
     from workflows.evaluate import EvalError
     from workflows.search import SearchError, format_index_report, make_index
 
     try:
         report = make_index(features, run, _device(device), out, exact_below)
-    except (SearchError, FeaturesError, EvalError) as e:
+    except (SearchError, FeaturesError, EvalError, TokensError) as e:
         _fail(str(e))
     typer.echo(format_index_report(report))
 
@@ -451,6 +453,7 @@ def serve(
     """Serve a search page and a JSON API over the collection (needs the [serve] extra: fastapi, uvicorn)."""
     _setup_logging(verbose)
     from pipeline.read import FeaturesError
+    from pipeline.tokens import TokensError
     from workflows.evaluate import EvalError
     from workflows.search import SearchError, open_searcher
 
@@ -463,7 +466,7 @@ def serve(
     try:
         searcher = open_searcher(features, run, _device(device), pretrained, index, build_missing=False)
         searcher.encoder()  # load CLIP now, not on the first query
-    except (SearchError, FeaturesError, EvalError) as e:
+    except (SearchError, FeaturesError, EvalError, TokensError) as e:
         _fail(str(e))
     limits = Limits()
     limits.candidates = candidates

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -228,3 +229,16 @@ def test_folders_without_enough_caches_are_refused(cached, uncached, tuned_run, 
         train(_cfg(uncached), tmp_path / "r1")
     with pytest.raises(TokensError, match=r"--unfreeze-blocks 1.*--cache-blocks"):
         evaluate(uncached, tuned_run, split="test", device="cpu")
+
+
+def test_search_scores_a_tuned_run_on_its_recomputed_features(cached, uncached, tuned_run):
+    from retrieval.index import default_folder
+    from workflows.tuned_features import TUNED_DIR
+
+    res = run_cli("search", "a red circle", "--features", str(cached), "--run", str(tuned_run), "--device", "cpu",
+                  "--top", "3")
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((default_folder(cached, tuned_run) / "index.json").read_text())
+    assert Path(meta["features"]) == (tuned_run / TUNED_DIR).resolve()  # the index holds the trained blocks' codes
+    res = run_cli("search", "a red circle", "--features", str(uncached), "--run", str(tuned_run), "--device", "cpu")
+    assert res.returncode == 2 and "--cache-blocks" in res.stderr and "Traceback" not in res.stderr

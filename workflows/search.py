@@ -25,6 +25,7 @@ from retrieval.scorer import Scorer
 from retrieval.searcher import TARGETS, Hit, Searcher, SearchResult  # noqa: F401
 
 from .evaluate import load_run
+from .tuned_features import store_for_run
 from .train import build_head
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,12 @@ def index_hint(features: Path | str, run: Path | None, index_dir: Path | None) -
     return " ".join(shlex.quote(a) for a in args)
 
 
-def _store(features: Path | str) -> FeatureStore:
+def _store(features: Path | str, run: Path | None = None, device: str = "cpu") -> FeatureStore:
+    """The features to search: a run that trained CLIP's last blocks (--unfreeze-blocks) is scored on its own,
+    recomputed through those blocks once (workflows/tuned_features.py), as eval does."""
     store = FeatureStore(features)
+    if run is not None:
+        store = store_for_run(run, store, device=device)
     if not store.videos:
         raise SearchError(f"{store.root}: no successfully extracted video to search")
     return store
@@ -64,7 +69,7 @@ def _store(features: Path | str) -> FeatureStore:
 def make_index(features: Path | str, run: Path | None = None, device: str = "cpu", index_dir: Path | None = None,
                exact_below: int = EXACT_BELOW, progress: bool = True) -> dict:
     """The `index` job: build or update the saved index; returns its report."""
-    store = _store(features)
+    store = _store(features, run, device)
     scorer = load_scorer(store, run, device)
     folder = Path(index_dir) if index_dir else default_folder(features, run)
     _, report = build_index(folder, store, scorer, device, exact_below, progress)
@@ -89,7 +94,7 @@ def open_searcher(features: Path | str, run: Path | None = None, device: str = "
                   index_dir: Path | None = None, build_missing: bool = True) -> Searcher:
     """A Searcher on the saved index. A missing index is built when build_missing (a stale one never is:
     `index` updates it, saying what changed)."""
-    store = _store(features)
+    store = _store(features, run, device)
     scorer = load_scorer(store, run, device)
     folder = Path(index_dir) if index_dir else default_folder(features, run)
     hint = index_hint(features, run, index_dir)
