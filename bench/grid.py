@@ -8,7 +8,9 @@ through Dask, one table per features set).
 
 GRID.json: {"sets": {name: {"features": DIR, "synthetic": synthetic.json or null}},
             "runs": [{"set": name, "row": label, "head": {HeadConfig overrides},
-                      "train": {TrainConfig overrides}, "steps": N, "seed": S, "max_words": 32}, ...]}
+                      "train": {TrainConfig overrides}, "steps": N, "seed": S, "max_words": 32,
+                      "run": {RunConfig fields, e.g. "unfreeze_blocks": 1 on features extracted with
+                              --cache-blocks}}, ...]}
 Each run trains ceil(N / steps per epoch) epochs with train-heads' trainer (no validation split),
 then evaluates the test split (`eval`'s numbers) and the twin pair accuracy when a synthetic.json
 is given. Results come back in completion order.
@@ -53,7 +55,8 @@ def run_one(run: dict, sets: dict, runs_dir: str, device: str) -> dict:
         cfg = RunConfig(features=spec["features"], head=HeadConfig(**run["head"]),
                         train=TrainConfig(epochs=epochs, seed=run["seed"], device=device, log_every=10 ** 9,
                                           **run.get("train", {})),
-                        val_split="none", batch_size=run.get("batch", 128), max_words=run.get("max_words", 32))
+                        val_split="none", batch_size=run.get("batch", 128), max_words=run.get("max_words", 32),
+                        **run.get("run", {}))  # RunConfig fields, e.g. {"unfreeze_blocks": 1}
         with contextlib.redirect_stdout(io.StringIO()):
             history = train(cfg, out)
         record.update(train_s=round(time.time() - start, 1), epochs=epochs, steps_done=epochs * per_epoch,

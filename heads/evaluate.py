@@ -66,7 +66,7 @@ def _encode_videos(model: RetrievalHead, video_chunks: VideoChunks, n_videos: in
 
 
 def _nbytes(video: VideoFeatures) -> int:
-    return sum(t.numel() * t.element_size() for t in vars(video).values())
+    return sum(t.numel() * t.element_size() for t in vars(video).values() if t is not None)
 
 
 class _VideoPasses:

@@ -28,6 +28,7 @@ from .ablate_table import summarise, write_outputs
 from .data import EvalData, TrainData
 from .evaluate import evaluate, load_run
 from .train import RUN_CONFIG, RunConfig, auto_epochs, train
+from .tuned_features import store_for_run
 
 # Row name -> HeadConfig overrides: the paper's module ablations and the two CLIP4Clip baselines.
 MODULE_ROWS = {
@@ -174,11 +175,12 @@ def run_twin_accuracy(features: str, run: Path, split: str, twins: list[tuple[st
     """twin_accuracy of a trained run on the twin pairs whose videos both have captions in split."""
     store = FeatureStore(features)
     try:
+        model, cfg, ckpt = load_run(run, store, device)
+        store = store_for_run(run, store, ckpt, device)  # a run that trained CLIP's blocks: its own features
         names = {n for pair in twins for n in pair}
         captions = [i for i in store.split_captions(split) if store.captions[i]["video_id"] in names]
         if not captions:
             return None
-        model, cfg, _ = load_run(run, store, device)
         data = EvalData(store, captions, cfg.head.max_frames, cfg.max_words, cfg.eval_chunk)
         column = {store.videos[v]["video_id"]: j for j, v in enumerate(data.videos)}
         pairs = [(column[a], column[b]) for a, b in twins if a in column and b in column]
