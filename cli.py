@@ -160,7 +160,7 @@ def train_heads(
     fusion: str = typer.Option("sum", help="How S5 joins the terms: sum (fine + coarse, the patent) | mean | "
                                "weighted (a learnt convex mix)."),
     loss_terms: str = typer.Option("fused", help="fused: InfoNCE on the joined score | each: also on the fine and "
-                                   "the coarse score alone (deep supervision)."),
+                                   "the coarse score alone (deep supervision) | parts: only on each score alone (an ensemble)."),
     temporal_grad: str = typer.Option("both", help="Which terms train the shared temporal encoder: both | fine (the "
                                       "coarse term reads it through a stop-gradient; inference is unchanged)."),
     checkpoint_every: float = typer.Option(30.0, min=0.0, help="Seconds between last.pt checkpoints (always after "

@@ -244,8 +244,12 @@ class RetrievalHead(nn.Module):
         # tau is kept <= its maximum in place after each optimiser step (clamp_logit_scale_, as open_clip
         # does): a clamp here would zero tau's gradient at the limit, where it starts
         scale = self.logit_scale.exp()
+        both = coarse is not None and fine is not None
+        if self.cfg.loss_terms == "parts" and both:  # an ensemble: each term learns to rank on its own
+            loss = (symmetric_infonce(coarse * scale) + symmetric_infonce(fine * scale)) / 2
+            return loss, {"loss": loss.detach(), "logit_scale": scale.detach(), "pos_score": s.diagonal().mean().detach()}
         loss = symmetric_infonce(s * scale)
-        if self.cfg.loss_terms == "each" and coarse is not None and fine is not None:
+        if self.cfg.loss_terms == "each" and both:
             # deep supervision: each term must rank on its own too, so the one that fits the training set
             # first (fine) does not leave the other without gradient once the fused loss is near zero
             loss = (loss + symmetric_infonce(coarse * scale) + symmetric_infonce(fine * scale)) / 3

@@ -337,3 +337,20 @@ def test_temporal_grad_fine_stops_only_the_coarse_gradient_into_the_temporal_enc
         assert sum(float(p.grad.abs().sum()) for p in model.temporal.parameters() if p.grad is not None) > 0
     with pytest.raises(ValueError, match="temporal_grad"):
         HeadConfig(temporal_grad="coarse")
+
+
+def test_loss_terms_parts_is_the_mean_of_each_terms_infonce_without_the_fused_one():
+    from heads.loss import symmetric_infonce
+    model, batch = make_model(loss_terms="parts", dropout=0.0), make_batch()
+    model.eval()
+    loss, _ = model(batch)
+    with torch.no_grad():
+        text, video = encode(model, batch)
+        coarse, fine = model._coarse(text, video, False), model._fine(text, video, False)
+        scale = model.logit_scale.exp()
+        expected = (symmetric_infonce(coarse * scale) + symmetric_infonce(fine * scale)) / 2
+    torch.testing.assert_close(loss.detach(), expected)
+    one_term = make_model(loss_terms="parts", dropout=0.0, coarse=False).eval()  # one term: its own loss
+    with torch.no_grad():
+        fine = one_term._fine(*encode(one_term, batch), False)
+        torch.testing.assert_close(one_term(batch)[0], symmetric_infonce(fine * one_term.logit_scale.exp()))
