@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline import schema as S
-from pipeline.atomic import atomic_path, atomic_write_text, fsync_dir
+from pipeline.atomic import TMP_MARK, atomic_path, atomic_write_text, fsync_dir, temporary_name
 from pipeline.read import FeatureStore, uniform_indices
 
 from . import SearchError
@@ -333,12 +333,19 @@ def build_index(folder: Path, store: FeatureStore, scorer: Scorer, device: str =
             shards.append(reusable[(k["name"], k["key"])])
             continue
         rel = f"codes/{k['name']}-{k['key']}"
-        tmp = folder / f"{rel}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        # a temporary of its own (two `index` or `search` calls may build one folder at once); the codes of a
+        # (shard, key) are the same whoever computes them, so the first rename wins and later ones are dropped
+        tmp = temporary_name(folder / rel)
         tmp.mkdir(parents=True)
-        _encode_shard(store, scorer, pos, tmp, videos[pos], captions[pos], device, bar)
-        shutil.rmtree(folder / rel, ignore_errors=True)
-        tmp.rename(folder / rel)
+        try:
+            _encode_shard(store, scorer, pos, tmp, videos[pos], captions[pos], device, bar)
+            if not (folder / rel).is_dir():
+                try:
+                    tmp.rename(folder / rel)
+                except OSError:  # another builder renamed its (identical) codes in between
+                    pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         shards.append({"name": k["name"], "key": k["key"], "folder": rel, "videos": len(videos[pos]),
                        "captions": len(captions[pos])})
     bar.close()
@@ -363,7 +370,7 @@ def build_index(folder: Path, store: FeatureStore, scorer: Scorer, device: str =
     atomic_write_text(folder / INDEX_FILE, json.dumps(meta, indent=2))
     live = {s["folder"] for s in shards}
     for d in (folder / "codes").iterdir():  # codes of shards that changed or went away
-        if f"codes/{d.name}" not in live:
+        if f"codes/{d.name}" not in live and TMP_MARK not in d.name:  # not another builder's work in progress
             shutil.rmtree(d, ignore_errors=True)
     index = SavedIndex(folder, meta, store)
     report = {"encoded_shards": [k["name"] for _, k in todo], "reused_shards": len(shards) - len(todo),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import threading
@@ -135,67 +136,86 @@ def _features(root):
     return root
 
 
-def test_concurrent_index_builds_of_one_features_folder(tmp_path, monkeypatch, caplog):
-    """Several searches build the coarse index of the same folder at once: none fails or skips the cache,
-    each gets the right embeddings, and the cache left behind is whole and current."""
+def _plain_index(root, folder):
     from pipeline.read import FeatureStore
-    from workflows import search as W
+    from retrieval.index import build_index
+    from workflows.search import load_scorer
+
+    store = FeatureStore(root)
+    index, _ = build_index(folder, store, load_scorer(store, None), progress=False)
+    return store, index
+
+
+def test_concurrent_index_builds_of_one_features_folder(tmp_path, monkeypatch):
+    """Several `index`/`search` calls build the saved index of one folder at once: none fails, none deletes
+    another's work in progress, and the index left behind is whole, current and equal to a lone build."""
+    from pipeline.read import FeatureStore
+    from retrieval import index as I
+    from retrieval.index import open_index
+    from workflows.search import load_scorer
 
     root = _features(tmp_path / "features")
-    expected = W._build(FeatureStore(root), "videos")
-    real_savez = np.savez
+    _, alone = _plain_index(root, tmp_path / "alone")
+    expected = np.asarray(alone.video_vectors)
+    real_encode = I._encode_shard
 
-    def slow_savez(*args, **kwargs):  # hold every writer between its write and its rename
-        real_savez(*args, **kwargs)
+    def slow_encode(*args, **kwargs):  # hold every builder inside its temporary
+        real_encode(*args, **kwargs)
         time.sleep(0.05)
 
-    monkeypatch.setattr(np, "savez", slow_savez)
-    caplog.set_level(logging.WARNING, logger=W.__name__)
+    monkeypatch.setattr(I, "_encode_shard", slow_encode)
+    folder = tmp_path / "shared"
     for _ in range(3):
-        (root / W.INDEX_DIR / "coarse_videos.npz").unlink(missing_ok=True)  # gone: every search rebuilds
+        shutil.rmtree(folder, ignore_errors=True)  # gone: every builder encodes every shard
         start, results, errors = threading.Barrier(4), [], []
 
-        def search() -> None:
+        def build() -> None:
             try:
-                store = FeatureStore(root)
                 start.wait()
-                results.append(W.coarse_index(store, "videos"))
+                results.append(_plain_index(root, folder)[1])
             except BaseException as e:  # pragma: no cover - reported below
                 errors.append(e)
 
-        threads = [threading.Thread(target=search) for _ in range(4)]
+        threads = [threading.Thread(target=build) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert errors == [] and len(results) == 4
-        for emb, _ in results:
-            np.testing.assert_array_equal(emb, expected)
-    assert not [r for r in caplog.records if "not cached" in r.getMessage()]
-    assert _names(root / W.INDEX_DIR) == ["coarse_videos.npz"]
-    emb, cached = W.coarse_index(FeatureStore(root), "videos")
-    assert cached and np.array_equal(emb, expected)
+        for index in results:
+            np.testing.assert_array_equal(np.asarray(index.video_vectors), expected)
+        assert not [p for p in (folder / "codes").iterdir() if I.TMP_MARK in p.name]  # no temporary left
+        assert not [p for p in folder.iterdir() if I.TMP_MARK in p.name]
+    store = FeatureStore(root)
+    again = open_index(folder, store, load_scorer(store, None), "python cli.py index")  # whole and current
+    np.testing.assert_array_equal(np.asarray(again.video_vectors), expected)
 
 
-def test_index_cache_is_one_file_rebuilt_when_stale_or_torn(tmp_path):
-    """Embeddings and their description share one file (one atomic rename): a cache built from other
-    inputs, or a torn file, is rebuilt, never used and never a crash."""
+def test_a_torn_or_stale_index_is_refused_then_rebuilt(tmp_path):
+    """A torn index.json, or an index of other features, is never used and never a crash: search refuses it
+    with the command that fixes it, and `index` builds it again."""
     from pipeline.read import FeatureStore
-    from workflows import search as W
+    from retrieval.index import INDEX_FILE, StaleIndexError, open_index
+    from workflows.search import load_scorer
 
     root = _features(tmp_path / "features")
-    emb, cached = W.coarse_index(FeatureStore(root), "videos")
-    assert not cached and W.coarse_index(FeatureStore(root), "videos")[1]
-    path = root / W.INDEX_DIR / "coarse_videos.npz"
-    meta = np.frombuffer(json.dumps({"key": "another build", "ids": []}).encode(), np.uint8)
-    with open(path, "wb") as f:
-        np.savez(f, emb=emb * 2, meta=meta)
-    again, cached = W.coarse_index(FeatureStore(root), "videos")
-    assert not cached and np.array_equal(again, emb)
-    path.write_bytes(path.read_bytes()[:100])  # torn
-    again, cached = W.coarse_index(FeatureStore(root), "videos")
-    assert not cached and np.array_equal(again, emb)
-    assert W.coarse_index(FeatureStore(root), "videos")[1]
+    folder = tmp_path / "index"
+    _, first = _plain_index(root, folder)
+    expected = np.asarray(first.video_vectors)
+    meta = folder / INDEX_FILE
+    meta.write_bytes(meta.read_bytes()[:100])  # torn
+    store = FeatureStore(root)
+    with pytest.raises(StaleIndexError, match="no index.*python cli.py index"):
+        open_index(folder, store, load_scorer(store, None), "python cli.py index")
+    _, rebuilt = _plain_index(root, folder)
+    np.testing.assert_array_equal(np.asarray(rebuilt.video_vectors), expected)
+    # features changed under the same name: a shard rewritten
+    shard = sorted((root / S.SHARDS_DIR).iterdir())[0] / S.FEATURES_FILE
+    time.sleep(0.01)
+    shard.write_bytes(shard.read_bytes())
+    store = FeatureStore(root)
+    with pytest.raises(StaleIndexError, match="changed since it was built"):
+        open_index(folder, store, load_scorer(store, None), "python cli.py index")
 
 
 # --- heads/trainer.py's own copy (heads/ does not import pipeline/) --------------------------------------
