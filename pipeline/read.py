@@ -58,6 +58,29 @@ def _float32(values: np.ndarray) -> np.ndarray:
     return out.numpy().reshape(values.shape)
 
 
+class ShardFiles:
+    """Read handles of the shards' features.h5, opened on first use, one set per thread (h5py handles are
+    not shared safely between threads). Shared by FeatureStore and pipeline/tokens.py's TokenStore."""
+
+    def __init__(self, shard_dirs: list[Path]):
+        self.shard_dirs = shard_dirs
+        self._local = threading.local()
+
+    def __call__(self, shard_pos: int) -> h5py.File:
+        files = getattr(self._local, "files", None)
+        if files is None:
+            files = self._local.files = {}
+        if shard_pos not in files:
+            files[shard_pos] = h5py.File(self.shard_dirs[shard_pos] / S.FEATURES_FILE, "r")
+        return files[shard_pos]
+
+    def close(self) -> None:
+        """Close this thread's handles; later reads open new ones."""
+        for f in getattr(self._local, "files", {}).values():
+            f.close()
+        self._local = threading.local()
+
+
 class FeatureStore:
     """Every complete shard of a features folder; videos that failed extraction are left out."""
 
@@ -97,7 +120,8 @@ class FeatureStore:
         self.videos = [v for v in all_videos if v["status"] == S.STATUS_OK]
         self.video_index = {v["video_id"]: i for i, v in enumerate(self.videos)}
         self.captions = [c for c in pa.concat_tables(captions).to_pylist() if c["video_id"] in self.video_index]
-        self._local = threading.local()
+        self._h5 = ShardFiles(self.shard_dirs)
+        self._local = threading.local()  # per-thread dataset objects (_dataset)
         self._memory: dict[str, np.ndarray] | None = None  # see preload()
         self._frame_picks: dict[int, np.ndarray] = {}  # max_frames -> stored-frame offsets (_picks)
         self._columns()
@@ -198,14 +222,6 @@ class FeatureStore:
             memory[n] = out
         self._memory = memory
         return True
-
-    def _h5(self, shard_pos: int) -> h5py.File:
-        files = getattr(self._local, "files", None)
-        if files is None:  # one set of handles per thread: h5py handles are not shared safely
-            files = self._local.files = {}
-        if shard_pos not in files:
-            files[shard_pos] = h5py.File(self.shard_dirs[shard_pos] / S.FEATURES_FILE, "r")
-        return files[shard_pos]
 
     def _dataset(self, shard_pos: int, name: str) -> h5py.Dataset:
         """The dataset object, kept per thread: h5py's name lookup costs as much as a small read."""
@@ -313,6 +329,5 @@ class FeatureStore:
         }
 
     def close(self) -> None:
-        for f in getattr(self._local, "files", {}).values():
-            f.close()
-        self._local = threading.local()
+        self._h5.close()
+        self._local = threading.local()  # the datasets of closed files

@@ -8,13 +8,13 @@ that makes them.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from . import schema as S
+from .read import ShardFiles
 
 
 class TokensError(ValueError):
@@ -82,7 +82,7 @@ class TokenStore:
             raise TokensError(f"{self.root}: shards cache different block counts {sorted(blocks)} (an interrupted "
                               f"rerun with another --cache-blocks); {_remedy(max(blocks))}")
         self.blocks = blocks.pop()
-        self._local = threading.local()
+        self._h5 = ShardFiles(self.shard_dirs)
         self._maps: dict[tuple[int, str], np.ndarray] = {}  # see array()
 
     def tail(self):
@@ -92,14 +92,6 @@ class TokenStore:
             raise TokensError(f"{self.root / S.CLIP_TAIL_FILE} holds {info.get('cache_blocks')} blocks, the shards "
                               f"cache {self.blocks}; {_remedy(self.blocks)}")
         return tensors, info
-
-    def _h5(self, shard_pos: int) -> h5py.File:
-        files = getattr(self._local, "files", None)
-        if files is None:  # one set of handles per thread: h5py handles are not shared safely
-            files = self._local.files = {}
-        if shard_pos not in files:
-            files[shard_pos] = h5py.File(self.shard_dirs[shard_pos] / S.FEATURES_FILE, "r")
-        return files[shard_pos]
 
     def array(self, shard_pos: int, name: str):
         """One cache dataset of a shard, for reads by index: a read-only numpy memmap when it is stored
@@ -148,6 +140,4 @@ class TokenStore:
 
     def close(self) -> None:
         self._maps = {}
-        for f in getattr(self._local, "files", {}).values():
-            f.close()
-        self._local = threading.local()
+        self._h5.close()
