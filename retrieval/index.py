@@ -4,18 +4,23 @@
     FEATURES/index/run-<hash>/      for one run (the hash of its resolved path; index.json names it)
         index.json                  what it was built from (shards, run, head), the stage-1 index and its parameters
         codes/<shard>-<key>/        per shard: the codes (codes.py) as .npy arrays, memory-mapped when searched,
-                                    stage1.npy (videos), captions.npy (its captions' stage-1 vectors), seconds.npy
+                                    stage1.npy (whole videos), moments.npy (M vectors a video, when M > 1),
+                                    captions.npy (its captions' stage-1 vectors), seconds.npy
         videos.faiss, captions.faiss   an approximate stage-1 index, when one is used
 
-Stage 1 is exact (FAISS IndexFlatIP, or a numpy matmul without FAISS: the same ranking) below `exact_below`
-rows, and FAISS HNSW above it. A rebuild re-encodes only the shards that are new or changed; an HNSW index
-grows in place when shards were only added.
+Text stage 1 searches the videos' moment vectors (codes.py: M per video, `moments`; a video counts by
+its best moment) and returns distinct videos. Stage 1 is exact (FAISS IndexFlatIP, or a numpy matmul
+without FAISS: the same ranking) below `exact_below` rows, and a FAISS inverted file (IVF-Flat: k-means lists,
+exact inner products inside the lists it probes) above it. A rebuild re-encodes only the shards that are new or
+changed; the inverted file grows in place (its lists kept) when shards were only added, and is trained again
+when the collection has grown enough to want more lists. Indexes built with FAISS HNSW (before IVF) still open.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -30,7 +35,7 @@ from pipeline.atomic import TMP_MARK, atomic_path, atomic_write_text, fsync_dir,
 from pipeline.read import FeatureStore, uniform_indices
 
 from . import SearchError
-from .codes import CODE_NAMES, text_stage1, video_codes, video_stage1
+from .codes import CODE_NAMES, moments_of, text_stage1, video_codes, video_moments, video_stage1
 from .scorer import CHUNK, Scorer
 
 log = logging.getLogger(__name__)
@@ -39,10 +44,16 @@ INDEX_ROOT = "index"
 INDEX_FILE = "index.json"
 FORMAT = 1
 CODE_DTYPE = np.float16  # codes on disk; scored in float32
-EXACT_BELOW = 50_000  # rows: exact stage 1 below, HNSW at and above
+EXACT_BELOW = 50_000  # rows: exact stage 1 below, an inverted file (IVF) at and above
+MOMENTS = 4  # stage-1 vectors per video (contiguous groups of its frames); 1 = one vector of the whole video
 PER_FRAME = {"frames", "beta", "keys", "values", "seconds"}  # (rows, max_frames, ...) arrays
-FLOAT32 = {"stage1", "captions", "seconds"}  # kept exact: searched whole, or times in seconds
-HNSW = {"M": 32, "efConstruction": 80, "efSearch": 256}  # efSearch is raised to 2 x the candidates asked for
+FLOAT32 = {"stage1", "moments", "captions", "seconds"}  # kept exact: searched whole, or times in seconds
+# Why IVF and not HNSW (bench/stage1.py: 100,000 videos x 4 moments = 400,000 rows of 1,024, 50 queries, 2-core
+# CPU): the same share of queries keep the exhaustive top 10 (92-94%), but HNSW (M 32, efConstruction 80) took
+# 247 s to build and 11 ms a query, IVF-Flat with 1,024 lists 19-21 s and 4-6 ms (16-32 lists probed). The misses
+# left are mostly the same for every index tried: a video of the head's top 10 that ranks 233-276th in stage 1,
+# in a list far from the query; exact stage 1 with 300 candidates keeps 100%.
+IVF = {"nprobe": 32, "train_per_list": 50}  # lists probed per query; training rows per list (FAISS wants >= 39)
 
 
 class StaleIndexError(SearchError):
@@ -76,7 +87,7 @@ def _faiss():
 
 # --- stage 1 ---------------------------------------------------------------------------------------------
 class VectorIndex:
-    """Maximum inner product search over (N, D) vectors: FAISS flat or HNSW, or exact numpy."""
+    """Maximum inner product search over (N, D) vectors: FAISS flat, IVF (or HNSW, older indexes), or exact numpy."""
 
     def __init__(self, vectors: np.ndarray, params: dict, ann=None):
         self.vectors, self.params, self.ann = vectors, params, ann
@@ -90,6 +101,8 @@ class VectorIndex:
 
     def describe(self) -> str:
         p = self.params
+        if p.get("kind") == "ivf" and self.ann is not None:
+            return f"faiss IVF-Flat ({p['nlist']} lists, {p['nprobe']}+ probed)"
         if p.get("kind") == "hnsw" and self.ann is not None:
             return f"faiss HNSW (M {p['M']}, efConstruction {p['efConstruction']}, efSearch {p['efSearch']}+)"
         return p["search"]
@@ -101,9 +114,13 @@ class VectorIndex:
             return np.zeros(0, np.int64)
         q = np.ascontiguousarray(q, np.float32)[None]
         if self.ann is not None:
-            if self.params.get("kind") == "hnsw":
-                # a per-call parameter, so concurrent queries never race on the index's own efSearch
-                faiss = _faiss()
+            faiss = _faiss()  # per-call parameters, so concurrent queries never race on the index's own
+            if self.params.get("kind") == "ivf":
+                # enough lists to hold about 2k rows, however many candidates (x moments) a query asks for
+                per_list = max(self.ann.ntotal / self.params["nlist"], 1.0)
+                nprobe = min(self.params["nlist"], max(self.params["nprobe"], int(np.ceil(2 * k / per_list))))
+                _, idx = self.ann.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+            elif self.params.get("kind") == "hnsw":
                 _, idx = self.ann.search(q, k, params=faiss.SearchParametersHNSW(
                     efSearch=max(self.params["efSearch"], 2 * k)))
             else:
@@ -115,33 +132,51 @@ class VectorIndex:
         return top[np.argsort(-scores[top], kind="stable")]
 
 
+def _nlist(n: int) -> int:
+    """Lists of the inverted file for n rows: the power of two nearest 2 x sqrt(n), and no more than the rows
+    can train (39 per list, FAISS's floor). It changes only when the collection has roughly doubled twice."""
+    want = 2 ** int(round(np.log2(max(2 * np.sqrt(n), 1))))
+    while want > 1 and want * 39 > n:
+        want //= 2
+    return want
+
+
 def _ann_params(n: int, exact_below: int) -> dict:
     if n < exact_below or _faiss() is None:
         return {"kind": "exact", "rows": n, "exact_below": exact_below,
                 **({} if _faiss() else {"note": "faiss not installed"})}
-    return {"kind": "hnsw", "rows": n, "exact_below": exact_below, **HNSW}
+    nlist = _nlist(n)
+    return {"kind": "ivf", "rows": n, "exact_below": exact_below, "nlist": nlist,
+            "nprobe": min(IVF["nprobe"], nlist)}
 
 
 def _build_ann(vectors: np.ndarray, params: dict, path: Path, reuse: tuple[dict, int] | None) -> dict:
-    """Write the approximate index when params ask for one; reuse = (old params, rows that are unchanged)."""
-    if params["kind"] != "hnsw":
+    """Write the inverted file when params ask for one; reuse = (old params, rows that are unchanged): when
+    those are all the old index's rows and its lists fit, the new rows are added to it, else it is trained again
+    (k-means on a fixed sample, so a rebuild of the same vectors gives the same index)."""
+    if params["kind"] != "ivf":
         path.unlink(missing_ok=True)
         return params
     faiss = _faiss()
     old, kept = reuse or ({}, 0)
     start = time.perf_counter()
-    if (old.get("kind") == "hnsw" and kept == old.get("rows") and path.exists()
-            and all(old.get(k) == params[k] for k in HNSW)):
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    if (old.get("kind") == "ivf" and kept == old.get("rows") and path.exists()
+            and old.get("nlist") == params["nlist"]):
         index = faiss.read_index(str(path))  # shards were only added: grow it
-        added = vectors[kept:]
+        added, trained = vectors[kept:], old.get("trained_rows", kept)
     else:
-        index = faiss.IndexHNSWFlat(vectors.shape[1], params["M"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params["efConstruction"]
-        added = vectors
-    index.add(np.ascontiguousarray(added, np.float32))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], params["nlist"],
+                                   faiss.METRIC_INNER_PRODUCT)
+        rows = min(len(vectors), IVF["train_per_list"] * params["nlist"])
+        sample = np.random.default_rng(0).choice(len(vectors), rows, replace=False) if rows < len(vectors) else None
+        index.train(vectors if sample is None else vectors[np.sort(sample)])
+        added, trained = vectors, rows
+    index.add(added)
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
-    return {**params, "added": len(added), "seconds": round(time.perf_counter() - start, 2)}
+    return {**params, "trained_rows": int(trained), "added": len(added),
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 # --- codes on disk ---------------------------------------------------------------------------------------
@@ -155,7 +190,7 @@ class _Shard:
 
 
 def _encode_shard(store: FeatureStore, scorer: Scorer, pos: int, folder: Path, videos: list[int],
-                  captions: list[int], device: str, bar) -> None:
+                  captions: list[int], device: str, bar, moments: int = 1) -> None:
     """Codes, seconds and stage-1 vectors of one shard's videos and captions, into `folder` (fresh)."""
     model, width = scorer.model, scorer.max_frames
     arrays: dict[str, np.ndarray] = {}
@@ -180,6 +215,8 @@ def _encode_shard(store: FeatureStore, scorer: Scorer, pos: int, folder: Path, v
         for name, value in codes.items():
             put(name, s, value.cpu().numpy(), len(videos))
         put("stage1", s, stage1.cpu().numpy(), len(videos))
+        if moments > 1:
+            put("moments", s, video_moments(model, codes, moments).cpu().numpy(), len(videos))
         seconds = np.zeros((len(idx), frames.shape[1]), np.float32)
         for b, v in enumerate(idx):
             pick = uniform_indices(store.videos[v]["num_frames"], width)
@@ -197,6 +234,13 @@ def _encode_shard(store: FeatureStore, scorer: Scorer, pos: int, folder: Path, v
     del arrays
 
 
+def distinct_videos(rows: np.ndarray, moments: int, k: int) -> np.ndarray:
+    """The first k distinct videos of moment rows (video-major: row = video x moments + moment) in rank order."""
+    videos = rows // moments
+    first = np.sort(np.unique(videos, return_index=True)[1])  # each video at its best row, in rank order
+    return videos[first][:k]
+
+
 class SavedIndex:
     """A saved index, opened: codes memory-mapped per shard, stage-1 vectors in memory."""
 
@@ -209,9 +253,13 @@ class SavedIndex:
         # global video / caption -> (shard, row): the store lists them shard by shard, in order
         self.video_shard = np.repeat(np.arange(len(self.shards)), [s.videos for s in self.shards])
         self.video_row = np.concatenate([np.arange(s.videos) for s in self.shards]) if self.shards else np.zeros(0, int)
-        self.video_vectors = self._stage1("stage1")
+        self.video_vectors = self._stage1("stage1")  # (V, Dc) whole videos
+        self.moments = int(meta.get("moments", 1))
+        # (V * M, Dc) what text stage 1 searches: the M moment vectors of each video, video after video
+        moments = self._stage1("moments") if self.moments > 1 else self.video_vectors
+        moments = moments.reshape(-1, moments.shape[-1])  # (V, M, Dc) -> (V * M, Dc)
         self.caption_vectors = self._stage1("captions")
-        self.videos = VectorIndex(self.video_vectors, meta["ann"]["videos"], self._read_ann("videos"))
+        self.videos = VectorIndex(moments, meta["ann"]["videos"], self._read_ann("videos"))
         self.captions = VectorIndex(self.caption_vectors, meta["ann"]["captions"], self._read_ann("captions"))
 
     def _stage1(self, name: str) -> np.ndarray:
@@ -222,16 +270,27 @@ class SavedIndex:
 
     def _read_ann(self, kind: str):
         params = self.meta["ann"][kind]
-        if params["kind"] != "hnsw":
+        if params["kind"] not in ("ivf", "hnsw"):
             return None
         faiss = _faiss()
         if faiss is None:
-            log.warning("%s: the index was built with FAISS HNSW, but faiss is not installed: exact search instead "
-                        "(pip install faiss-cpu)", self.folder)
+            log.warning("%s: the index was built with FAISS (%s), but faiss is not installed: exact search "
+                        "instead (pip install faiss-cpu)", self.folder, params["kind"])
             return None
         return faiss.read_index(str(self.folder / f"{kind}.faiss"))
 
     # --- reading --------------------------------------------------------------------------------------
+    def search_videos(self, q: np.ndarray, k: int) -> np.ndarray:
+        """The k distinct videos whose best moment has the largest inner product with q (Dc,), best first."""
+        if self.moments == 1:
+            return self.videos.search(q, k)
+        # enough rows for k videos even if every moment of the best ones comes first
+        return distinct_videos(self.videos.search(q, k * self.moments), self.moments, k)
+
+    def describe_videos(self) -> str:
+        moments = f", {self.moments} moments a video" if self.moments > 1 else ""
+        return f"{self.videos.describe()}{moments}"
+
     def codes(self, videos: np.ndarray) -> dict[str, torch.Tensor]:
         """The codes of these videos (global indices), as float32 tensors in that order."""
         videos = np.asarray(videos, np.int64)
@@ -256,11 +315,27 @@ class SavedIndex:
     def describe(self) -> dict:
         return {"folder": str(self.folder), "videos": int(len(self.video_vectors)),
                 "captions": int(len(self.caption_vectors)), "stage1_dim": int(self.video_vectors.shape[1]),
-                "stage1_videos": self.videos.describe(), "stage1_captions": self.captions.describe(),
-                "scorer": self.meta["scorer"]["name"]}
+                "moments": self.moments, "stage1_videos": self.describe_videos(),
+                "stage1_captions": self.captions.describe(), "scorer": self.meta["scorer"]["name"]}
 
 
 # --- opening and building ----------------------------------------------------------------------------------
+def _disk_bytes(folder: Path) -> int:
+    """Bytes of the index's files. Another builder's temporaries are not the index's and may vanish while
+    being walked, so the walk never enters them and a file or folder that goes away is simply not counted."""
+    total = 0
+    for parent, dirs, files in os.walk(folder):  # os.walk skips a folder it cannot list (Path.rglob raises)
+        dirs[:] = [d for d in dirs if TMP_MARK not in d]
+        for name in files:
+            if TMP_MARK in name:
+                continue
+            try:
+                total += os.stat(os.path.join(parent, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def _grouped(store: FeatureStore) -> tuple[list[list[int]], list[list[int]]]:
     videos = [[] for _ in store.shard_dirs]
     captions = [[] for _ in store.shard_dirs]
@@ -311,15 +386,21 @@ def open_index(folder: Path, store: FeatureStore, scorer: Scorer, rebuild_hint: 
 
 
 def build_index(folder: Path, store: FeatureStore, scorer: Scorer, device: str = "cpu",
-                exact_below: int = EXACT_BELOW, progress: bool = True) -> tuple[SavedIndex, dict]:
-    """Build or update the index in `folder`; returns it and a report (what was encoded, reused, timings)."""
+                exact_below: int = EXACT_BELOW, progress: bool = True,
+                moments: int | None = None) -> tuple[SavedIndex, dict]:
+    """Build or update the index in `folder`; returns it and a report (what was encoded, reused, timings).
+    moments: stage-1 vectors per video (codes.py; None: the saved index's own, else MOMENTS); heads whose
+    stage 1 is exact use 1."""
     from tqdm import tqdm
 
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     old = _read_meta(folder)
-    if old is not None and old["scorer"]["identity"] != scorer.identity:
-        old = None  # another run or head: nothing can be reused
+    if moments is None:
+        moments = old.get("moments", 1) if old is not None else MOMENTS
+    moments = moments_of(scorer.model, moments)
+    if old is not None and (old["scorer"]["identity"] != scorer.identity or old.get("moments", 1) != moments):
+        old = None  # another run, head or number of moments: nothing can be reused
     reusable = {(s["name"], s["key"]): s for s in (old or {}).get("shards", [])
                 if (folder / s["folder"]).is_dir()}
     videos, captions = _grouped(store)
@@ -338,7 +419,7 @@ def build_index(folder: Path, store: FeatureStore, scorer: Scorer, device: str =
         tmp = temporary_name(folder / rel)
         tmp.mkdir(parents=True)
         try:
-            _encode_shard(store, scorer, pos, tmp, videos[pos], captions[pos], device, bar)
+            _encode_shard(store, scorer, pos, tmp, videos[pos], captions[pos], device, bar, moments)
             if not (folder / rel).is_dir():
                 try:
                     tmp.rename(folder / rel)
@@ -359,9 +440,9 @@ def build_index(folder: Path, store: FeatureStore, scorer: Scorer, device: str =
             break
         kept_videos, kept_captions = kept_videos + now["videos"], kept_captions + now["captions"]
     meta = {"format": FORMAT, "features": str(store.root.resolve()), "shards": shards,
-            "scorer": {"name": scorer.name, "identity": scorer.identity}, "ann": {}}
+            "scorer": {"name": scorer.name, "identity": scorer.identity}, "moments": moments, "ann": {}}
     probe = SavedIndex(folder, {**meta, "ann": {"videos": {"kind": "exact"}, "captions": {"kind": "exact"}}}, store)
-    for kind, vectors, kept in (("videos", probe.video_vectors, kept_videos),
+    for kind, vectors, kept in (("videos", probe.videos.vectors, kept_videos * moments),
                                 ("captions", probe.caption_vectors, kept_captions)):
         params = _ann_params(len(vectors), exact_below)
         reuse = (old["ann"][kind], kept) if old else None
@@ -376,6 +457,6 @@ def build_index(folder: Path, store: FeatureStore, scorer: Scorer, device: str =
     report = {"encoded_shards": [k["name"] for _, k in todo], "reused_shards": len(shards) - len(todo),
               "encoded_videos": sum(len(videos[pos]) for pos, _ in todo),
               "encode_seconds": round(encode_seconds, 2), "seconds": meta["built_seconds"],
-              "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+              "bytes": _disk_bytes(folder),
               "stage1": {k: v for k, v in meta["ann"].items()}, **index.describe()}
     return index, report

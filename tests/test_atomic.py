@@ -242,3 +242,42 @@ def test_checkpoint_saves_concurrently_leave_one_whole_checkpoint(tmp_path):
     assert errors == [] and _names(tmp_path) == ["last.pt"]
     ckpt = torch.load(target, weights_only=True)
     assert torch.equal(ckpt["w"], torch.full((SIZE // 4,), float(ckpt["who"])))
+
+
+def test_index_size_ignores_other_builders_temporaries(tmp_path, monkeypatch):
+    """The report's disk size is taken while other builders' temporaries come and go: they are not counted nor
+    walked into, and a folder or file that vanishes between being listed and being read is not an error (both
+    made a concurrent build fail under load: Path.rglob raises when a listed folder is gone)."""
+    import os
+
+    from retrieval import index as I
+    (tmp_path / "codes" / "s0-abc").mkdir(parents=True)
+    (tmp_path / "codes" / "s0-abc" / "frames.npy").write_bytes(b"x" * 100)
+    (tmp_path / "index.json").write_bytes(b"y" * 10)
+    busy = tmp_path / "codes" / f"s1-def{I.TMP_MARK}123"
+    busy.mkdir()
+    (busy / "frames.npy").write_bytes(b"z" * 1000)
+    (tmp_path / f".index{I.TMP_MARK}9.json").write_bytes(b"w" * 10000)
+    assert I._disk_bytes(tmp_path) == 110
+    gone = tmp_path / "codes" / "s2-ghi"  # listed, then removed (with its file) before it is walked or read
+    gone.mkdir()
+    (gone / "values.npy").write_bytes(b"v" * 7)
+    real_scandir, real_stat = os.scandir, os.stat
+    entered = []
+
+    def scandir(path="."):
+        entered.append(str(path))
+        if I.TMP_MARK in str(path) or str(path) == str(gone):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_scandir(path)
+
+    def stat(path, *args, **kwargs):
+        if str(gone) in str(path):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "stat", stat)
+    assert I._disk_bytes(tmp_path) == 110
+    assert not [p for p in entered if I.TMP_MARK in p] and str(gone) in entered
+    monkeypatch.setattr(os, "scandir", real_scandir)  # listed, its file gone before stat
+    assert I._disk_bytes(tmp_path) == 110
