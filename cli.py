@@ -159,8 +159,9 @@ def train_heads(
                                                 "(default: --lr)."),
     fusion: str = typer.Option("sum", help="How S5 joins the terms: sum (fine + coarse, the patent) | mean | "
                                "weighted (a learnt convex mix)."),
-    loss_terms: str = typer.Option("fused", help="fused: InfoNCE on the joined score | each: also on the fine and "
-                                   "the coarse score alone (deep supervision) | parts: only on each score alone (an ensemble)."),
+    loss_terms: str = typer.Option("parts", help="parts: InfoNCE on the fine and on the coarse score alone, joined "
+                                   "only at inference (an ensemble) | fused: on the joined score | each: on all three "
+                                   "(deep supervision). --fusion weighted needs fused or each."),
     temporal_grad: str = typer.Option("both", help="Which terms train the shared temporal encoder: both | fine (the "
                                       "coarse term reads it through a stop-gradient; inference is unchanged)."),
     checkpoint_every: float = typer.Option(30.0, min=0.0, help="Seconds between last.pt checkpoints (always after "
@@ -418,8 +419,12 @@ def index(
     run: Optional[Path] = typer.Option(None, help="Run folder of train-heads; without it: plain CLIP (meanP)."),
     out: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: FEATURES/index/clip or "
                                        "FEATURES/index/run-<hash>)."),
-    exact_below: int = typer.Option(50_000, min=1, help="Collections smaller than this get an exact stage 1; "
-                                    "larger ones FAISS HNSW (exact without faiss)."),
+    exact_below: int = typer.Option(50_000, min=1, help="Stage-1 rows (videos x moments) fewer than this are "
+                                    "searched exactly; more go to a FAISS inverted file, IVF-Flat (exact without "
+                                    "faiss)."),
+    moments: Optional[int] = typer.Option(None, min=1, help="Stage-1 vectors per video, each of a contiguous "
+                                          "group of its frames; a video ranks by its best one. Default: the saved "
+                                          "index's own, else 4; 1 = one vector of the whole video."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N (to encode the videos)"),
     verbose: bool = typer.Option(False),
 ):
@@ -432,7 +437,7 @@ def index(
     from workflows.search import SearchError, format_index_report, make_index
 
     try:
-        report = make_index(features, run, _device(device), out, exact_below)
+        report = make_index(features, run, _device(device), out, exact_below, moments=moments)
     except (SearchError, FeaturesError, EvalError, TokensError) as e:
         _fail(str(e))
     typer.echo(format_index_report(report))

@@ -14,6 +14,13 @@ Stage 1 ranks by an inner product in the run's own space (never plain CLIP's, un
 The coarse part is what S4 gives a query that attends to every frame alike; the fine part is the
 frame- and word-weighted means, a lower bound of DRL's max-based match. w_c, w_f are the head's
 fusion weights. For meanP and seqTransf the inner product is the head's score exactly.
+
+Moments: a query that describes one event of a longer video matches a few of its frames, and a vector of
+the whole video dilutes them with the rest. So the text stage 1 ranks M vectors per video instead, each
+the same construction over one of M contiguous groups of the video's real frames (uniform attention and
+beta over that group only), and a video counts by its best moment: a max over its parts, like the
+head's own max-based fine match and its text-conditioned pooling. M = 1 is the whole-video vector. Heads
+whose inner product is already exact (meanP, seqTransf) keep M = 1.
 """
 from __future__ import annotations
 
@@ -61,24 +68,46 @@ def video_features(codes: dict[str, Tensor]) -> VideoFeatures:
                          pool_keys=codes.get("keys"), pool_values=codes.get("values"))
 
 
+def moments_of(model: RetrievalHead, moments: int) -> int:
+    """The moments a head's stage 1 uses: 1 where the inner product is already its score (no S4, no fine)."""
+    return max(1, int(moments)) if (model.pool is not None or model.cfg.fine) else 1
+
+
+def moment_masks(nframes: Tensor, width: int, moments: int) -> Tensor:
+    """(V, M, F): the real frames of each of M contiguous groups (a group a short video lacks: all its frames)."""
+    f = torch.arange(width, device=nframes.device)[None, :]  # (1, F)
+    real = f < nframes[:, None].long()  # (V, F)
+    group = (f * moments) // nframes[:, None].long().clamp(min=1)  # (V, F): the group of each frame
+    masks = (group[:, None, :] == torch.arange(moments, device=nframes.device)[None, :, None]) & real[:, None, :]
+    return torch.where(masks.any(-1, keepdim=True), masks, real[:, None, :])
+
+
 @torch.inference_mode()
-def video_stage1(model: RetrievalHead, codes: dict[str, Tensor]) -> Tensor:
-    """(V, Dc) stage-1 vectors of videos from their codes."""
+def video_moments(model: RetrievalHead, codes: dict[str, Tensor], moments: int) -> Tensor:
+    """(V, M, Dc) stage-1 vectors of each video's M moments, from its codes (M = 1: the whole video)."""
     w_c, w_f = fusion_weights(model)
-    mask = frame_mask(codes["nframes"], codes["frames"].shape[1])
+    masks = moment_masks(codes["nframes"], codes["frames"].shape[1], moments).to(codes["frames"].dtype)
     parts = []
     if model.cfg.coarse:
         if model.pool is not None:
             values = codes["values"]  # (V, F, H, D)
-            uniform = (mask / mask.sum(1, keepdim=True)).to(values.dtype)  # (V, F)
-            uniform = uniform.unsqueeze(1).expand(-1, values.shape[2], -1)  # (V, H, F): every frame alike
-            pooled = F.normalize(model.pool.pool(None, None, values, mask, aligned=True, attn=uniform), dim=-1)
+            uniform = masks / masks.sum(-1, keepdim=True)  # (V, M, F): the group's frames alike
+            attn = uniform.transpose(0, 1).unsqueeze(2).expand(-1, -1, values.shape[2], -1)  # (M, V, H, F)
+            pooled = model.pool.pool(None, None, values, None, attn=attn.to(values.dtype)).transpose(0, 1)
+            pooled = F.normalize(pooled, dim=-1)  # (V, M, D)
         else:
-            pooled = codes["pooled"]
+            pooled = codes["pooled"][:, None].expand(-1, moments, -1)  # v_bar has no parts
         parts.append(w_c * pooled)
     if model.cfg.fine:
-        parts.append(w_f * torch.einsum("vf,vfd->vd", codes["beta"], codes["frames"]))
-    return torch.cat(parts, 1).float()
+        beta = codes["beta"][:, None, :] * masks  # (V, M, F): the frame weights within each group
+        beta = beta / beta.sum(-1, keepdim=True).clamp(min=torch.finfo(beta.dtype).tiny)
+        parts.append(w_f * torch.einsum("vmf,vfd->vmd", beta, codes["frames"]))
+    return torch.cat(parts, -1).float()
+
+
+def video_stage1(model: RetrievalHead, codes: dict[str, Tensor]) -> Tensor:
+    """(V, Dc) stage-1 vectors of whole videos from their codes (video queries, rescoring)."""
+    return video_moments(model, codes, 1)[:, 0]
 
 
 def text_stage1(model: RetrievalHead, text: TextFeatures) -> Tensor:

@@ -101,7 +101,7 @@ class Searcher:
         text = self.model.encode_text(*(arrays[k].to(self.device) for k in TEXT_KEYS))
         q = text_stage1(self.model, text)[0].cpu().numpy()
         clock.lap("encode query")
-        cand = self.index.videos.search(q, candidates)
+        cand = self.index.search_videos(q, candidates)
         clock.lap("stage 1")
 
         def block(idx: np.ndarray):
@@ -113,7 +113,7 @@ class Searcher:
         hits = [self._video_hit(r, s, v, self.index.second(v, f))
                 for r, (s, v, f) in enumerate(rank(block, cand, top), 1)]
         clock.lap("stage 2: full head")
-        return SearchResult(label, "videos", self.scorer.name, self.index.videos.describe(),
+        return SearchResult(label, "videos", self.scorer.name, self.index.describe_videos(),
                             len(self.index.video_vectors), len(cand), hits, clock.timings)
 
     def _video_hit(self, rank_: int, s: float, v: int, second: float) -> Hit:
@@ -147,16 +147,16 @@ class Searcher:
         else:
             hits, cand = self._video_to_captions(q, codes, times[pick], str(Path(path).resolve()), top,
                                                  candidates, clock)
-        index = self.index.videos if target == "videos" else self.index.captions
         scorer = (f"video-video cosine in the stage-1 space of {self.scorer.name}" if target == "videos"
                   else self.scorer.name)
-        return SearchResult(str(path), target, scorer, index.describe(), len(index.vectors), len(cand), hits,
-                            clock.timings)
+        index, rows = ((self.index.describe_videos(), len(self.index.video_vectors)) if target == "videos"
+                       else (self.index.captions.describe(), len(self.index.caption_vectors)))
+        return SearchResult(str(path), target, scorer, index, rows, len(cand), hits, clock.timings)
 
     @torch.inference_mode()
     def _video_to_videos(self, q: torch.Tensor, codes: dict, top: int, candidates: int, clock: Clock):
         qn = F.normalize(q.cpu(), dim=0)
-        cand = self.index.videos.search(qn.numpy(), candidates)
+        cand = self.index.search_videos(qn.numpy(), candidates)
         clock.lap("stage 1")
         mean_frame = F.normalize(codes["frames"][0].sum(0).cpu(), dim=0)  # (D,)
 

@@ -14,7 +14,7 @@ import torch
 from heads.config import HeadConfig
 from heads.model import RetrievalHead
 from pipeline.read import FeatureStore
-from retrieval.codes import text_stage1, video_codes, video_stage1
+from retrieval.codes import moments_of, text_stage1, video_codes, video_moments, video_stage1
 from retrieval.index import StaleIndexError, build_index, open_index
 from retrieval.scorer import rank, score
 from tests.conftest import run_cli
@@ -44,7 +44,7 @@ def _inputs(n_text=3, n_video=5, frames=6, words=7):
             torch.randn(n_video, frames, 24, generator=g), torch.arange(frames)[None] < lengths[:, None])
 
 
-@pytest.mark.parametrize("cfg", [{}, {"fusion": "weighted"}, {"interaction": False}, {"fine": False},
+@pytest.mark.parametrize("cfg", [{}, {"fusion": "weighted", "loss_terms": "fused"}, {"interaction": False}, {"fine": False},
                                  {"coarse": False}, {"variant": "seqtransf"}, {"variant": "meanp"}])
 def test_scorer_on_codes_equals_the_head(cfg):
     head = _head(**cfg)
@@ -111,21 +111,54 @@ def test_stale_index_refused_then_updated_per_shard(features, run, tmp_path):
         os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_same_results_without_faiss_and_with_hnsw(features, run, tmp_path, monkeypatch):
+def test_same_results_without_faiss_and_with_ivf(features, run, tmp_path, monkeypatch):
     store = FeatureStore(features)
     scorer = W.load_scorer(store, run)
     flat, _ = build_index(tmp_path / "flat", store, scorer, progress=False)
-    hnsw, report = build_index(tmp_path / "hnsw", store, scorer, exact_below=2, progress=False)
-    assert report["stage1"]["videos"]["kind"] == "hnsw" and (tmp_path / "hnsw" / "videos.faiss").exists()
-    assert hnsw.videos.describe().startswith("faiss HNSW") and flat.videos.describe() == "faiss IndexFlatIP (exact)"
+    ivf, report = build_index(tmp_path / "ivf", store, scorer, exact_below=2, progress=False)
+    assert report["stage1"]["videos"]["kind"] == "ivf" and (tmp_path / "ivf" / "videos.faiss").exists()
+    assert ivf.videos.describe().startswith("faiss IVF-Flat") and flat.videos.describe() == "faiss IndexFlatIP (exact)"
     q = np.random.default_rng(0).standard_normal(flat.video_vectors.shape[1]).astype(np.float32)
-    expected = np.argsort(-(flat.video_vectors @ q))
-    assert flat.videos.search(q, 3).tolist() == expected[:3].tolist()
-    assert hnsw.videos.search(q, 4).tolist() == expected.tolist()  # 4 rows: HNSW finds them all
+    assert flat.moments == ivf.moments == 4 and flat.videos.vectors.shape[0] == 4 * len(flat.video_vectors)
+    best = (flat.videos.vectors.reshape(len(flat.video_vectors), 4, -1) @ q).max(1)  # a video: its best moment
+    expected = np.argsort(-best)
+    assert flat.search_videos(q, 3).tolist() == expected[:3].tolist()
+    assert ivf.search_videos(q, 4).tolist() == expected.tolist()  # 16 rows, one list: all probed
     monkeypatch.setitem(sys.modules, "faiss", None)
-    bare = open_index(tmp_path / "hnsw", store, scorer, "index")  # built with HNSW, opened without faiss
+    bare = open_index(tmp_path / "ivf", store, scorer, "index")  # built with FAISS, opened without it
     assert bare.videos.describe() == "exact (numpy matmul)"
-    assert bare.videos.search(q, 3).tolist() == expected[:3].tolist()
+    assert bare.search_videos(q, 3).tolist() == expected[:3].tolist()
+
+
+def test_ivf_lists_grow_in_place_then_retrain(tmp_path):
+    """The inverted file keeps its lists when rows are only added, is trained again when the rows want more lists
+    or earlier rows changed, and with every list probed it ranks exactly like a matmul."""
+    from retrieval import index as I
+
+    faiss = pytest.importorskip("faiss", reason="faiss-cpu is in the `search` and `test` extras")
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((6000, 16)).astype(np.float32)
+    path = tmp_path / "videos.faiss"
+    assert [I._nlist(n) for n in (1, 38, 39, 4000, 6000, 100_000, 400_000)] == [1, 1, 1, 64, 128, 512, 1024]
+    first = I._build_ann(vectors[:4000], I._ann_params(4000, 2), path, None)
+    assert first["kind"] == "ivf" and first["nlist"] == 64 and first["added"] == 4000
+    assert first["trained_rows"] == 64 * I.IVF["train_per_list"]
+    grown = I._build_ann(vectors[:4500], I._ann_params(4500, 2), path, (first, 4000))
+    assert grown["nlist"] == 64 and grown["added"] == 500 and grown["trained_rows"] == first["trained_rows"]
+    index = faiss.read_index(str(path))
+    assert index.ntotal == 4500
+    q = rng.standard_normal(16).astype(np.float32)
+    every = I.VectorIndex(vectors[:4500], {**grown, "nprobe": grown["nlist"]}, index)
+    exact = I.VectorIndex(vectors[:4500], {"kind": "exact", "search": "exact (numpy matmul)"}, None)
+    exact.ann = None
+    assert every.search(q, 20).tolist() == exact.search(q, 20).tolist()
+    few = I.VectorIndex(vectors[:4500], {**grown, "nprobe": 1}, index)  # one list holds ~70 rows: more are probed
+    assert len(few.search(q, 1000)) == 1000 and len(set(few.search(q, 1000).tolist())) == 1000
+    changed = I._build_ann(vectors[:4500], I._ann_params(4500, 2), path, (grown, 3000))  # rows 3000+ redone
+    assert changed["added"] == 4500
+    more = I._build_ann(vectors, I._ann_params(6000, 2), path, (changed, 4500))  # wants 128 lists: retrained
+    assert more["nlist"] == 128 and more["added"] == 6000 and faiss.read_index(str(path)).ntotal == 6000
+    assert I._build_ann(vectors[:10], I._ann_params(10, 50), path, None)["kind"] == "exact" and not path.exists()
 
 
 def test_stage1_uses_the_runs_space(features, run):
@@ -142,3 +175,42 @@ def test_stage1_uses_the_runs_space(features, run):
     assert not np.allclose(searcher.index.video_vectors[:, :clip.shape[1]], clip / np.linalg.norm(clip, axis=1,
                                                                                                   keepdims=True),
                            atol=1e-2)
+
+
+def _naive_stage1(head, codes, frames):
+    """The whole-video stage-1 vector of the sub-video made of `frames` (beta renormalised over them)."""
+    sub = {k: v[:, frames] for k, v in codes.items() if k in ("frames", "beta", "keys", "values")}
+    sub["beta"] = sub["beta"] / sub["beta"].sum(1, keepdim=True)
+    sub["nframes"] = torch.full((len(sub["frames"]),), len(frames), dtype=torch.int16)
+    if "pooled" in codes:
+        sub["pooled"] = codes["pooled"]
+    return video_stage1(head, sub)[0]
+
+
+@pytest.mark.parametrize("cfg", [{}, {"fusion": "weighted", "loss_terms": "fused"}, {"interaction": False},
+                                 {"coarse": False}])
+def test_moments_are_whole_video_vectors_of_contiguous_frame_groups(cfg):
+    head = _head(**cfg)
+    _, frames, mask = _inputs()  # real frames 6, 3, 1, 5, 2 of 6
+    with torch.inference_mode():
+        codes = video_codes(head, frames, mask)
+        one = video_moments(head, codes, 1)[:, 0]
+        three = video_moments(head, codes, 3)
+    # one moment: the whole video, the same vector the old single-vector stage 1 gave
+    expected = []
+    for v in range(len(frames)):
+        n = int(mask[v].sum())
+        expected.append(_naive_stage1(head, {k: c[v:v + 1] for k, c in codes.items()}, list(range(n))))
+    assert torch.allclose(one, torch.stack(expected), atol=1e-5)
+    # three moments: frames [0,1], [2,3], [4,5] of a 6-frame video; [0], [1], [2] of 3; 5 frames: [0,1], [2,3], [4]
+    groups = {0: [[0, 1], [2, 3], [4, 5]], 1: [[0], [1], [2]], 2: [[0], [0], [0]], 3: [[0, 1], [2, 3], [4]],
+              4: [[0], [1], [0, 1]]}  # a 1-frame video: every moment is that frame; 2 frames: the last is the whole
+    for v, gs in groups.items():
+        c = {k: x[v:v + 1] for k, x in codes.items()}
+        for m, g in enumerate(gs):
+            assert torch.allclose(three[v, m], _naive_stage1(head, c, g), atol=1e-5), (cfg, v, m)
+
+
+def test_heads_with_exact_stage1_keep_one_moment():
+    assert moments_of(_head(variant="seqtransf"), 4) == 1 and moments_of(_head(variant="meanp"), 4) == 1
+    assert moments_of(_head(), 4) == 4 and moments_of(_head(interaction=False), 4) == 4

@@ -67,12 +67,12 @@ def _store(features: Path | str, run: Path | None = None, device: str = "cpu") -
 
 
 def make_index(features: Path | str, run: Path | None = None, device: str = "cpu", index_dir: Path | None = None,
-               exact_below: int = EXACT_BELOW, progress: bool = True) -> dict:
+               exact_below: int = EXACT_BELOW, progress: bool = True, moments: int | None = None) -> dict:
     """The `index` job: build or update the saved index; returns its report."""
     store = _store(features, run, device)
     scorer = load_scorer(store, run, device)
     folder = Path(index_dir) if index_dir else default_folder(features, run)
-    _, report = build_index(folder, store, scorer, device, exact_below, progress)
+    _, report = build_index(folder, store, scorer, device, exact_below, progress, moments)
     store.close()
     return report
 
