@@ -23,9 +23,10 @@ class HeadConfig:
     coarse: bool = True  # S5 coarse cos(t, v) term
     fusion: str = "sum"  # how S5 joins the terms: "sum" = fine + coarse (the patent), "mean" = (fine + coarse) / 2,
     # "weighted" = w_c * coarse + w_f * fine with (w_c, w_f) a learnt softmax, starting at (1/2, 1/2)
-    loss_terms: str = "fused"  # "fused": InfoNCE on the joined score; "each": the mean of that and of each
-    # term's own InfoNCE (deep supervision of both granularities); "parts": each term's own InfoNCE only (the
-    # terms are trained as two retrieval models and joined only at inference, an ensemble)
+    loss_terms: str = "parts"  # "parts": each term's own InfoNCE only (the terms are trained as two retrieval
+    # models and joined only at inference, an ensemble; the default since it was the one full head above every
+    # part at 200 steps, 3 seeds: README "Training the full head"); "fused": InfoNCE on the joined score (the
+    # default before); "each": the mean of the fused and of each term's own InfoNCE (deep supervision)
     temporal_grad: str = "both"  # which terms train the shared S2 temporal encoder: "both", or "fine" (the coarse
     # term reads the temporal features through a stop-gradient; the forward pass, and so inference, is unchanged)
     temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
@@ -51,6 +52,10 @@ class HeadConfig:
             raise ValueError(f"fusion must be 'sum', 'mean' or 'weighted', not {self.fusion!r}")
         if self.loss_terms not in ("fused", "each", "parts"):
             raise ValueError(f"loss_terms must be 'fused', 'each' or 'parts', not {self.loss_terms!r}")
+        if self.loss_terms == "parts" and self.fusion == "weighted" and self.fine and self.coarse:
+            raise ValueError("fusion 'weighted' learns its weights from the loss on the joined score, which loss_terms "
+                             "'parts' does not compute: nothing would train them. Use loss_terms 'fused' or 'each' "
+                             "with it (--loss-terms fused), or fusion 'sum'")
         if self.temporal_grad not in ("both", "fine"):
             raise ValueError(f"temporal_grad must be 'both' or 'fine', not {self.temporal_grad!r}")
         if self.temporal_init not in ("clip", "random"):

@@ -239,7 +239,7 @@ def test_saturated_frame_weights_stay_finite_and_normalised():
 
 @pytest.mark.parametrize("fusion", ["sum", "mean", "weighted"])
 def test_fusion_joins_fine_and_coarse(fusion):
-    model, batch = make_model(fusion=fusion), make_batch()
+    model, batch = make_model(fusion=fusion, loss_terms="fused"), make_batch()
     model.eval()
     with torch.no_grad():
         text, video = encode(model, batch)
@@ -354,3 +354,12 @@ def test_loss_terms_parts_is_the_mean_of_each_terms_infonce_without_the_fused_on
     with torch.no_grad():
         fine = one_term._fine(*encode(one_term, batch), False)
         torch.testing.assert_close(one_term(batch)[0], symmetric_infonce(fine * one_term.logit_scale.exp()))
+
+
+def test_weighted_fusion_needs_a_loss_on_the_joined_score():
+    """Its weights learn only from the fused InfoNCE; 'parts' (the default) never computes it: refused, not ignored."""
+    with pytest.raises(ValueError, match="nothing would train them"):
+        HeadConfig(fusion="weighted")
+    assert HeadConfig().loss_terms == "parts"
+    HeadConfig(fusion="weighted", loss_terms="fused"), HeadConfig(fusion="weighted", loss_terms="each")
+    HeadConfig(fusion="weighted", coarse=False)  # one term: no fusion to learn, nothing to refuse
