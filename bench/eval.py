@@ -65,8 +65,12 @@ def worker(texts: int, videos: int, chunk: int, device: str, folder: str) -> dic
     data = EvalData(store, captions, FRAMES, WORDS, chunk)  # the gallery: the videos of these captions
     if len(data.videos) != videos:
         raise SystemExit(f"{folder}: {len(data.videos)} videos with a caption, expected {videos}")
-    text = {k: v[:texts] for k, v in data.texts().items()}
-    text_to_video = data.text_to_video[:texts]
+    # the queries: the first `texts` captions only (one per video, so caption i is of video i); reading every
+    # caption of a 100k gallery and keeping a slice would hold 100k captions' tokens (7 GB) for 1k queries
+    queries = EvalData(store, captions[:texts], FRAMES, WORDS, chunk)
+    if queries.videos != data.videos[:texts] or not torch.equal(queries.text_to_video, data.text_to_video[:texts]):
+        raise SystemExit(f"{folder}: the first {texts} captions are not of the first {texts} videos")
+    text, text_to_video = queries.texts(), queries.text_to_video
     open_s = time.perf_counter() - t0
     torch.manual_seed(0)
     model = RetrievalHead(HeadConfig(max_frames=FRAMES), torch.from_numpy(store.image_proj),

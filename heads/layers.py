@@ -223,3 +223,59 @@ class TextConditionedPool(nn.Module):
 
     def forward(self, t: Tensor, f: Tensor, mask: Tensor, aligned: bool = False) -> Tensor:
         return self.pool(t, *self.video_side(f), mask, aligned)
+
+    # ---- ranking many texts against many videos (inference only) ----------------------------------------
+    def factorise(self, values: Tensor) -> dict[str, Tensor]:
+        """What cosine_factorised needs of each video, from video_side's values (Nv, F, H, D).
+
+        Per pair, S4's pooled vector before LN1 is y = a^T V + b_out: the video's F*H value rows weighted by
+        the attention a (the output bias is one more row, of weight 1; K = F*H + 1 rows). With Vc those rows
+        centred over D (so y - mean(y) = a^T Vc) and s1 = sqrt(a^T (Vc Vc^T / D) a + eps) LN1's scale,
+        z + Linear(z) = x^T Q for x = [a / s1, 1] and Q = [Vc diag(g1) (I + W^T); b1 (I + W^T) + b_lin]
+        ((K+1) x D, one matrix per video). LN2 then needs only the centred Qc = Q - mean_D(Q), and the cosine
+        of its output with a unit text vector t is a ratio of small forms in x:
+            t . LN2 = (x^T Qc (g2 * t)) / s2 + t . b2,   s2^2 = x^T (Qc Qc^T / D) x + eps
+            |LN2|^2 = x^T (Qg Qg^T) x / s2^2 + 2 x^T Qg b2 / s2 + |b2|^2,   Qg = Qc diag(g2)
+        So the D x D linear and the two LayerNorms cost K x D x D once per video; per pair remain K x D (the
+        product with t) and a few K x K forms, and no (texts, videos, D) tensor is built. Inference only
+        (no dropout); equal to cosine(t, pool(...)) up to rounding (tested)."""
+        nv, _, _, d = values.shape
+        rows = torch.cat([values.flatten(1, 2), self.out.bias.expand(nv, 1, d)], 1)  # (Nv, K, D), F-major
+        rows = rows - rows.mean(-1, keepdim=True)
+        eye = torch.eye(d, dtype=rows.dtype, device=rows.device)
+        residual = eye + self.linear.weight.T  # (D, D)
+        shift = (self.ln1.bias @ residual + self.linear.bias).expand(nv, 1, d)  # (Nv, 1, D)
+        q = torch.cat([(rows * self.ln1.weight) @ residual, shift], 1)  # (Nv, K+1, D)
+        q = q - q.mean(-1, keepdim=True)  # LN2 sees only the centred part
+        qg = q * self.ln2.weight  # (Nv, K+1, D)
+        return {"basis": qg,  # (Nv, K+1, D)
+                "gram": rows @ rows.transpose(1, 2) / d,  # (Nv, K, K): LN1's variance
+                "forms": torch.cat([q @ q.transpose(1, 2) / d, qg @ qg.transpose(1, 2)], 2),  # (Nv, K+1, 2(K+1))
+                "shift": qg @ self.ln2.bias}  # (Nv, K+1)
+
+    def cosine_factorised(self, t: Tensor, attn: Tensor, factors: dict[str, Tensor],
+                          aligned: bool = False) -> Tensor:
+        """cos(t, pool(...)) from factorise()'s tensors: t (Nt, D) unit vectors, attn (Nt, Nv, H, F) -> (Nt, Nv),
+        or t (N, D), attn (N, H, F) -> (N,) if aligned."""
+        basis, gram, forms, shift = factors["basis"], factors["gram"], factors["forms"], factors["shift"]
+        a = attn.transpose(-1, -2).flatten(-2)  # (..., F*H), F-major as the basis rows
+        a = torch.cat([a, torch.ones_like(a[..., :1])], -1)  # (..., K)
+        if not aligned:  # video-major: every product below is a batched matmul over the videos
+            a = a.transpose(0, 1)  # (Nv, Nt, K)
+        if aligned:
+            s1 = torch.sqrt(torch.einsum("nk,nkl,nl->n", a, gram, a) + self.ln1.eps)  # (N,)
+        else:
+            s1 = torch.sqrt((torch.matmul(a, gram) * a).sum(-1) + self.ln1.eps)  # (Nv, Nt)
+        x = torch.cat([a / s1.unsqueeze(-1), torch.ones_like(a[..., :1])], -1)  # (..., K+1)
+        both = torch.matmul(x, forms) if not aligned else torch.einsum("nk,nkl->nl", x, forms)
+        var2, sq = (both * torch.cat([x, x], -1)).unflatten(-1, (2, -1)).sum(-1).unbind(-1)
+        s2 = torch.sqrt(var2 + self.ln2.eps)
+        if aligned:
+            dot = torch.einsum("nk,nkd,nd->n", x, basis, t)  # (N,)
+        else:
+            dot = (torch.matmul(basis, t.T).transpose(1, 2) * x).sum(-1)  # (Nv, K+1, Nt) -> (Nv, Nt)
+        num = dot / s2 + t @ self.ln2.bias if aligned else dot / s2 + (t @ self.ln2.bias)[None]
+        norm_sq = sq / s2 ** 2 + 2 * (x * (shift if aligned else shift[:, None])).sum(-1) / s2 \
+            + self.ln2.bias.square().sum()
+        cos = num / torch.sqrt(norm_sq.clamp(min=0)).clamp(min=1e-12)  # F.normalize's floor
+        return cos if aligned else cos.T  # (N,) or (Nt, Nv)

@@ -3,7 +3,6 @@
 Read top to bottom: encode_video (S2), encode_text (S3), score (S4 coarse + S5 fine), forward (InfoNCE).
 All inputs are CLIP features before the output projection; padding (mask False) is ignored everywhere.
 """
-import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -19,6 +18,7 @@ from .loss import symmetric_infonce
 
 TEXT_KEYS = ("text_global", "tokens", "token_mask", "keywords", "keyword_mask")
 VIDEO_KEYS = ("frames", "frame_mask")
+PAD_COS = -4.0  # added to the word x frame cosine of padding: below any cosine of real features (>= -1)
 
 
 class _Rows:
@@ -42,6 +42,11 @@ class VideoFeatures(_Rows):
     mask: Tensor  # (Nv, F) True = real frame
     pool_keys: Optional[Tensor] = None  # (Nv, F, H, d) S4's attention keys (TextConditionedPool.video_side); None without S4
     pool_values: Optional[Tensor] = None  # (Nv, F, H, D) S4's values through its output projection
+    # for_ranking() replaces pool_values by TextConditionedPool.factorise's tensors (inference only), K = F*H+1:
+    pool_basis: Optional[Tensor] = None  # (Nv, K+1, D)
+    pool_gram: Optional[Tensor] = None  # (Nv, K, K)
+    pool_forms: Optional[Tensor] = None  # (Nv, K+1, 2(K+1))
+    pool_shift: Optional[Tensor] = None  # (Nv, K+1)
 
 
 @dataclass
@@ -113,6 +118,16 @@ class RetrievalHead(nn.Module):
         return VideoFeatures(f0=f0, f=f, v_bar=v_bar, h=h, beta=beta.to(f.dtype), mask=frame_mask,
                              pool_keys=keys, pool_values=values)
 
+    def for_ranking(self, video: VideoFeatures) -> VideoFeatures:
+        """The same videos, laid out to be scored against many texts (evaluation, not training): S4's
+        values are factorised (TextConditionedPool.factorise), so its D x D residual linear is paid once per
+        video instead of once per (text, video) pair. Scores equal score()'s up to rounding; worth it when
+        each video meets more texts than ~F*H (96 at 12 frames and 8 heads)."""
+        if self.pool is None or video.pool_values is None or self.training:
+            return video
+        factors = {f"pool_{k}": v for k, v in self.pool.factorise(video.pool_values).items()}
+        return VideoFeatures(**{**vars(video), "pool_values": None, **factors})
+
     def _coarse_input(self, x: Tensor) -> Tensor:
         """The temporal features as the coarse term sees them: through a stop-gradient with temporal_grad
         "fine" (the forward, and so inference, is the same either way)."""
@@ -171,15 +186,26 @@ class RetrievalHead(nn.Module):
         if self.pool is None:
             v = F.normalize(self._coarse_input(video.v_bar), dim=-1)  # (Nv, D)
             return (t * v).sum(-1) if aligned else t @ v.T  # (N,) or (Nt, Nv)
+        if video.pool_basis is not None:  # for_ranking's layout: the cosine straight from the factors
+            attn = self.pool.attention(text.t, video.pool_keys, video.mask, aligned) if attn is None else attn
+            factors = {k: getattr(video, f"pool_{k}") for k in ("basis", "gram", "forms", "shift")}
+            return self.pool.cosine_factorised(t, attn, factors, aligned)
         v = self.pool.pool(text.t, video.pool_keys, video.pool_values, video.mask, aligned, attn)
         v = F.normalize(v, dim=-1)  # (N, D) or (Nt, Nv, D)
         return (t * v).sum(-1) if aligned else torch.einsum("td,tvd->tv", t, v)
 
     def _word_frame_cos(self, text: TextFeatures, video: VideoFeatures, aligned: bool):
-        """Cosines c (Nt, Nv, N, F) of every word with every frame, and the frame mask and weights laid out
-        to broadcast against it. Aligned pairs are laid out as an (N, 1) grid so one code path serves both."""
+        """Cosines c (Nt, Nv, N, F) of every word with every frame (PAD_COS lower where either is padding),
+        and the frame mask and weights laid out to broadcast against it. Aligned pairs are laid out as an (N, 1) grid so one code path serves both."""
         w = F.normalize(text.w_e, dim=-1)  # (Nt, N, D)
         h = F.normalize(video.h, dim=-1)  # (Nv, F, D)
+        # Two more coordinates, [pad_w, 1] on the words and [1, pad_f] on the frames, add PAD_COS to every
+        # cosine of a padded word or frame and 0 to the others: the maxima below then never pick padding,
+        # without a masked copy of the largest tensor of the head (a third of the fine term's time on a CPU)
+        w = torch.cat([w, torch.where(text.mask, 0.0, PAD_COS).to(w.dtype).unsqueeze(-1),
+                       torch.ones_like(w[..., :1])], -1)  # (Nt, N, D+2)
+        h = torch.cat([h, torch.ones_like(h[..., :1]),
+                       torch.where(video.mask, 0.0, PAD_COS).to(h.dtype).unsqueeze(-1)], -1)  # (Nv, F, D+2)
         if aligned:
             c = torch.einsum("twd,tfd->twf", w, h).unsqueeze(1)  # (N, 1, N_w, F)
             return c, video.mask.unsqueeze(1), video.beta.unsqueeze(1)  # (N, 1, F)
@@ -191,8 +217,8 @@ class RetrievalHead(nn.Module):
         receives each frame's best-word cosine (Nt, Nv, F), for explain, when not aligned."""
         c, frame_mask, beta = self._word_frame_cos(text, video, aligned)  # (Nt, Nv, N, F), (., ., F), (., ., F)
         word_mask = text.mask.unsqueeze(1)  # (Nt, 1, N)
-        best_frame = c.masked_fill(~frame_mask.unsqueeze(2), -math.inf).amax(-1)  # (Nt, Nv, N)
-        best_word = c.masked_fill(~word_mask.unsqueeze(-1), -math.inf).amax(-2)  # (Nt, Nv, F)
+        best_frame = c.amax(-1)  # (Nt, Nv, N): padded frames are below every real one (_word_frame_cos)
+        best_word = c.amax(-2)  # (Nt, Nv, F): padded words likewise; padded rows are dropped below
         if best_word_out is not None:
             best_word_out.append(best_word)
         t2v = torch.where(word_mask, best_frame * text.alpha.unsqueeze(1), 0).sum(-1)  # (Nt, Nv)
@@ -219,7 +245,7 @@ class RetrievalHead(nn.Module):
         best_word = None
         if self.cfg.fine:
             c, _, _ = self._word_frame_cos(text, video, aligned=False)  # (Nt, Nv, N, F)
-            best_word = c.masked_fill(~text.mask[:, None, :, None], -math.inf).amax(2)  # (Nt, Nv, F)
+            best_word = c.amax(2)  # (Nt, Nv, F): padded words are below every real one
         return self._relevance(text, video, attn, best_word)
 
     def _relevance(self, text: TextFeatures, video: VideoFeatures, attn: Optional[Tensor],

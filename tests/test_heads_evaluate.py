@@ -100,3 +100,22 @@ def test_videos_are_encoded_once_when_they_fit_the_cache_and_per_pass_when_not(d
     for r in results.values():
         assert torch.equal(r.t2v_ranks, results[0].t2v_ranks) and torch.equal(r.v2t_ranks, results[0].v2t_ranks)
         assert torch.equal(r.top_k_indices, results[0].top_k_indices)
+
+
+def test_texts_are_scored_by_length_in_trimmed_chunks_and_returned_in_their_order():
+    """score_matrix and rank_all sort texts by length and cut each chunk to its longest caption (by_length,
+    _encode_texts); every row must still be its own text's, equal to scoring all texts at full width."""
+    from heads.evaluate import _encode_texts, by_length
+    model = make_model()
+    texts, text_to_video, video_chunks = make_set()
+    lengths = texts["token_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 3  # captions of several lengths
+    model.eval()
+    with torch.no_grad():
+        video = model.encode_video(*(make_batch(b=N_VIDEOS, frames=8, seed=1)[k] for k in ("frames", "frame_mask")))
+        direct = model.score(model.encode_text(*(texts[k] for k in TEXT_KEYS)), video)
+        order = by_length(texts)
+        chunks = _encode_texts(model, texts, 5, "cpu", order)
+    assert [int(t.mask.shape[1]) for _, t in chunks] == [int(lengths[order[s:s + 5]].max()) for s, _ in chunks]
+    torch.testing.assert_close(score_matrix(model, texts, video_chunks(4), N_VIDEOS, text_chunk=5), direct,
+                               rtol=1e-5, atol=1e-5)

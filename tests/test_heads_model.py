@@ -363,3 +363,28 @@ def test_weighted_fusion_needs_a_loss_on_the_joined_score():
     assert HeadConfig().loss_terms == "parts"
     HeadConfig(fusion="weighted", loss_terms="fused"), HeadConfig(fusion="weighted", loss_terms="each")
     HeadConfig(fusion="weighted", coarse=False)  # one term: no fusion to learn, nothing to refuse
+
+
+def test_ranking_layout_gives_the_same_scores_without_the_per_pair_linear():
+    """for_ranking factorises S4 (TextConditionedPool.factorise): every score, all pairs and aligned, equals the
+    plain path's, with every parameter of S4 moved off its initial value (LayerNorm biases included, which
+    make LN1's scale matter) and padded frames in the batch."""
+    model, batch = make_model(), make_batch(b=7)
+    with torch.no_grad():
+        for p in model.pool.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.eval()
+    with torch.no_grad():
+        text, video = encode(model, batch)
+        ranked = model.for_ranking(video)
+        assert ranked.pool_values is None and ranked.pool_basis is not None
+        torch.testing.assert_close(model.score(text, ranked), model.score(text, video), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.score_pairs(text, ranked), model.score_pairs(text, video),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.score_explained(text, ranked)[0], model.score(text, video),
+                                   rtol=1e-5, atol=1e-5)
+        sub = torch.tensor([4, 1])
+        torch.testing.assert_close(model.score(text, ranked.index(sub)), model.score(text, video)[:, sub],
+                                   rtol=1e-5, atol=1e-5)
+    model.train()
+    assert model.for_ranking(video) is video  # training keeps the plain path (dropout)

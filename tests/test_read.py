@@ -131,3 +131,23 @@ def test_a_non_finite_feature_is_reported_with_its_file(tmp_path, in_memory, arr
     with pytest.raises(FeaturesError, match=f"{shard / S.FEATURES_FILE}: non-finite values in the {what}"):
         store.frames(range(len(store.videos)), 30)
         store.texts(range(len(store.captions)), 30)
+
+
+def test_reads_stay_right_with_few_open_files(tmp_path):
+    """ShardFiles keeps at most max_open HDF5 handles a thread (each holds HDF5's metadata); reads that
+    cross more shards than that close and reopen files, and their dataset objects with them."""
+    root = write_shards(tmp_path / "features", n_shards=5)
+    store = FeatureStore(root)
+    store._h5.max_open = 2
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        videos = rng.permutation(len(store.videos))[:9]  # across shards, in any order
+        frames, _ = store.frames(videos, 12)
+        for b, v in enumerate(videos):
+            want = plain_frames(root, store.videos[v]["video_id"], 12)
+            np.testing.assert_array_equal(frames[b, :len(want)], want)
+        captions = rng.permutation(len(store.captions))[:9]
+        texts = store.texts(captions, 32)
+        for b, c in enumerate(captions):
+            np.testing.assert_array_equal(texts["text_global"][b], plain_text(root, store.captions[c]["caption_id"], 32)[0])
+        assert len(store._h5._local.files) <= 2
