@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from retrieval import CANDIDATES, EXACT_BELOW
+
 # Dask's own INFO chatter drowns the progress bar; its warnings and errors still show.
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 
@@ -376,7 +378,7 @@ def search(
     features: Path = typer.Option(Path("features"), help="Output folder of `extract`."),
     run: Optional[Path] = typer.Option(None, help="Run folder of train-heads; without it: plain CLIP (meanP)."),
     top: int = typer.Option(10, min=1, help="Hits to show."),
-    candidates: int = typer.Option(200, min=1, help="Videos (or captions) stage 1 passes to the full head."),
+    candidates: int = typer.Option(CANDIDATES, min=1, help="Videos (or captions) stage 1 passes to the full head."),
     video: Optional[Path] = typer.Option(None, help="Search with this video instead of a text."),
     target: str = typer.Option("videos", help="With --video: rank the collection's videos or captions."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a page with a thumbnail of each hit."),
@@ -419,7 +421,7 @@ def index(
     run: Optional[Path] = typer.Option(None, help="Run folder of train-heads; without it: plain CLIP (meanP)."),
     out: Optional[Path] = typer.Option(None, "--index", help="Index folder (default: FEATURES/index/clip or "
                                        "FEATURES/index/run-<hash>)."),
-    exact_below: int = typer.Option(50_000, min=1, help="Stage-1 rows (videos x moments) fewer than this are "
+    exact_below: int = typer.Option(EXACT_BELOW, min=1, help="Stage-1 rows (videos x moments) fewer than this are "
                                     "searched exactly; more go to a FAISS inverted file, IVF-Flat (exact without "
                                     "faiss)."),
     moments: Optional[int] = typer.Option(None, min=1, help="Stage-1 vectors per video, each of a contiguous "
@@ -450,7 +452,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind; the default serves this machine only."),
     port: int = typer.Option(8000, min=0, max=65535),
     index: Optional[Path] = typer.Option(None, help="Index folder (as `search --index`)."),
-    candidates: int = typer.Option(200, min=1, help="Stage-1 candidates per query."),
+    candidates: int = typer.Option(CANDIDATES, min=1, help="Stage-1 candidates per query."),
     pretrained: Optional[str] = typer.Option(None, help="CLIP weights for queries, as `search --pretrained`."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     verbose: bool = typer.Option(False),

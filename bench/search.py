@@ -7,14 +7,16 @@ Collection (synthetic shards in the extract format, written with pipeline.write.
 under $TMPDIR/lseca-bench/): every video is a sequence of 2 or 3 events; an event is a topic (one of
 --topics clusters) plus its own offset, and each of its frames adds noise. Frames live in a joint
 space and are mapped back to tower outputs (768-d) through the pseudo-inverse of the projection, as the
-shards store them. A query describes ONE event of one video (its global feature, 16 word tokens and 3
-keywords near that event, plus filler words in random directions): the mean of a video's frames is then
+shards store them. A query describes ONE event of one video (16 word tokens near that event, 40% of them
+filler in random directions, then its global feature as the EOT token, and 3 keywords): the mean of a video's frames is then
 not the query's latent, and the text-conditioned pooling and the max-based fine match decide.
 
-Head: the full LSECA head (HeadConfig defaults, D=512, 4 temporal layers, random temporal init) with
---run a trained run's; without --run, non-trivially initialised: seeded random weights, and the
-modules that start as identity (S4's q/k/v/out/linear, S3's output projection) perturbed by Gaussian
-noise of std --perturb / sqrt(D), so attention depends on the text and the S4 output is not v_bar.
+Head: by default a full LSECA head trained by `cli.py train-heads` (its defaults, a random temporal init)
+for about --train-steps steps on --train-videos new videos of the same process, each with 2 captions made
+as the queries are (train_run; the run is cached beside the collection); --run takes another run's head;
+--train-steps 0 takes the full head untrained (HeadConfig defaults, D=512, 4 temporal layers, random
+temporal init) with the modules that start as identity (S4's q/k/v/out/linear, S3's output projection)
+perturbed by Gaussian noise of std --perturb / sqrt(D), so attention depends on the text.
 
 Index: retrieval.index.build_index (the `index` command's code), timed, its disk size measured.
 Queries: retrieval.searcher.Searcher.text_encoded (the `search`/`serve` code) after stage 1 picks
@@ -63,8 +65,9 @@ def write_collection(out: Path, args) -> dict:
     for v in range(args.videos):
         events.append(topics[rng.integers(0, args.topics, n_events[v])]
                       + 0.8 * rng.standard_normal((n_events[v], d), dtype=np.float32))
+    coll = {"events": events, "image_proj": image_proj, "text_proj": text_proj, "topics": topics}
     if marker.exists():
-        return {"events": events, "image_proj": image_proj, "text_proj": text_proj}
+        return coll
     shutil.rmtree(out, ignore_errors=True)
     for index, start in enumerate(range(0, args.videos, args.shard_videos)):
         data = ShardData(index)
@@ -84,26 +87,103 @@ def write_collection(out: Path, args) -> dict:
         data.meta = {"shard": index, "synthetic": True}
         write_shard(out, data, image_proj, text_proj, {"model": "ViT-B-32", "pretrained": "synthetic"})
     marker.write_text("ok\n")
-    return {"events": events, "image_proj": image_proj, "text_proj": text_proj}
+    return coll
+
+
+def describe(event: np.ndarray, words: int, rng, back: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A caption of one event, in the text tower's width as extract stores it: tokens (words + 1, Dt), whose
+    last row (the EOT) is the global feature, and 3 keyword rows (3, Dt). 40% of the words are filler in
+    random directions."""
+    d = len(event)
+    w = event + 0.7 * rng.standard_normal((words, d), dtype=np.float32)
+    filler = rng.random(words) < 0.4  # words that say nothing about the video
+    w[filler] = rng.standard_normal((int(filler.sum()), d), dtype=np.float32)
+    keywords = event + 0.7 * rng.standard_normal((3, d), dtype=np.float32)
+    t = event + 0.5 * rng.standard_normal(d, dtype=np.float32)
+    return np.concatenate([w, t[None]]) @ back, keywords @ back
 
 
 def make_queries(coll: dict, args, rng) -> tuple[list[int], list[dict]]:
     """Each query: one event of one random video, as TEXT_KEYS tensors of one row."""
     import torch
     back = np.linalg.pinv(coll["text_proj"]).astype(np.float32)  # (D, Dt)
-    d, targets, out = args.dim, rng.choice(args.videos, args.queries, replace=False), []
+    targets, out = rng.choice(args.videos, args.queries, replace=False), []
     for v in targets:
-        event = coll["events"][v][rng.integers(0, len(coll["events"][v]))]
-        words = event + 0.7 * rng.standard_normal((args.words, d), dtype=np.float32)
-        filler = rng.random(args.words) < 0.4  # words that say nothing about the video
-        words[filler] = rng.standard_normal((int(filler.sum()), d), dtype=np.float32)
-        keywords = event + 0.7 * rng.standard_normal((3, d), dtype=np.float32)
-        t = event + 0.5 * rng.standard_normal(d, dtype=np.float32)
-        out.append({"text_global": torch.from_numpy(t[None] @ back), "tokens": torch.from_numpy((words @ back)[None]),
-                    "token_mask": torch.ones(1, args.words, dtype=torch.bool),
-                    "keywords": torch.from_numpy((keywords @ back)[None]),
-                    "keyword_mask": torch.ones(1, 3, dtype=torch.bool)})
+        tokens, keywords = describe(coll["events"][v][rng.integers(0, len(coll["events"][v]))], args.words, rng, back)
+        out.append({"text_global": torch.from_numpy(tokens[-1:]), "tokens": torch.from_numpy(tokens[None]),
+                    "token_mask": torch.ones(1, len(tokens), dtype=torch.bool),
+                    "keywords": torch.from_numpy(keywords[None]), "keyword_mask": torch.ones(1, 3, dtype=torch.bool)})
     return targets.tolist(), out
+
+
+def write_training_set(out: Path, coll: dict, args) -> Path:
+    """--train-videos new videos of the collection's process (its topics and projections), each with 2
+    captions of one of its events made as the queries are, in the extract format (one shard of each
+    split: 90% train, 10% val). The collection and its queries are not in it."""
+    from pipeline import schema as S
+    from pipeline.write import ShardData, write_shard
+
+    marker = out / "complete"
+    if marker.exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    rng = np.random.default_rng(args.seed + 7)
+    d = args.dim
+    back_v = np.linalg.pinv(coll["image_proj"]).astype(np.float32)
+    back_t = np.linalg.pinv(coll["text_proj"]).astype(np.float32)
+    n_val = max(args.train_videos // 10, 1)
+    caption_id = 0
+    for index, (split, videos) in enumerate((("train", args.train_videos - n_val), ("val", n_val))):
+        data, tokens, keywords = ShardData(index), [], []
+        n_tokens = 0
+        for b in range(videos):
+            k = rng.integers(2, 4)
+            events = (coll["topics"][rng.integers(0, len(coll["topics"]), k)]
+                      + 0.8 * rng.standard_normal((k, d), dtype=np.float32))
+            segment = np.sort(rng.integers(0, k, args.frames))
+            z = events[segment] + 0.6 * rng.standard_normal((args.frames, d), dtype=np.float32)
+            vid = f"{split}{b:06d}.mp4"
+            data.videos.append({"video_id": vid, "path": f"/synthetic/{vid}", "duration": float(args.frames),
+                                "num_frames": args.frames, "frame_start": b * args.frames, "status": S.STATUS_OK,
+                                "error": "", "shard": index})
+            data.frames.append((z @ back_v).astype(np.float16))
+            data.frame_times.append(np.arange(args.frames, dtype=np.float32) + 0.5)
+            for _ in range(2):
+                tok, kw = describe(events[rng.integers(0, k)], args.words, rng, back_t)
+                data.captions.append({"caption_id": caption_id, "video_id": vid, "split": split, "caption": "synthetic",
+                                      "keywords": ["a", "b", "c"], "token_start": n_tokens, "num_tokens": len(tok),
+                                      "shard": index})
+                data.tokens.append(tok.astype(np.float16))
+                keywords.append(kw)
+                n_tokens += len(tok)
+                caption_id += 1
+        data.keyword_features = np.concatenate(keywords).astype(np.float16)
+        data.keyword_index = np.arange(3 * len(keywords), dtype=np.int32).reshape(-1, 3)
+        data.meta = {"shard": index, "synthetic": True}
+        write_shard(out, data, coll["image_proj"], coll["text_proj"], {"model": "ViT-B-32", "pretrained": "synthetic"})
+    marker.write_text("ok\n")
+    return out
+
+
+def train_run(coll: dict, args) -> Path:
+    """A full head trained by `cli.py train-heads` (its defaults but a random temporal init: these shards have
+    no CLIP blocks) on write_training_set's shards; reused when it exists."""
+    import subprocess
+    name = f"train-{args.train_videos}v-{args.frames}f-d{args.dim}-seed{args.seed}"
+    train = write_training_set(args.cache / name, coll, args)
+    run = args.cache / f"{name}-run-{args.train_steps}steps"
+    if (run / "best.pt").exists():
+        return run
+    captions = 2 * (args.train_videos - max(args.train_videos // 10, 1))
+    epochs = max(1, -(-args.train_steps * args.train_batch // captions))  # ceil: about --train-steps steps
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "cli.py"), "train-heads", "--features",
+           str(train), "--out", str(run), "--epochs", str(epochs), "--batch-size", str(args.train_batch),
+           "--temporal-init", "random", "--seed", str(args.seed), "--device", "cpu"]
+    print("training:", " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    return run
 
 
 def make_head(coll: dict, args):
@@ -154,7 +234,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", type=int, default=100_000)
     p.add_argument("--queries", type=int, default=50)
-    p.add_argument("--candidates", type=int, default=200, help="stage-1 candidates per query (search's default)")
+    p.add_argument("--candidates", type=int, default=None, help="stage-1 candidates per query (default: search's)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--topics", type=int, default=1000, help="clusters of events")
     p.add_argument("--frames", type=int, default=12)
@@ -166,9 +246,17 @@ def main() -> None:
     p.add_argument("--moments", type=int, default=None, help="stage-1 vectors per video (default: the index's own)")
     p.add_argument("--check-videos", type=int, default=2000, help="videos scored in fp32 by the head itself")
     p.add_argument("--run", type=Path, help="a trained run's head (its widths must be D=512, 768/512)")
+    p.add_argument("--train-steps", type=int, default=300, help="without --run: train a full head for about this "
+                   "many steps on new videos of the collection's process (train_run); 0: an untrained head, "
+                   "perturbed off identity (--perturb)")
+    p.add_argument("--train-videos", type=int, default=3000)
+    p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lseca-bench")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.candidates is None:
+        from retrieval import CANDIDATES
+        args.candidates = CANDIDATES
 
     import logging
     logging.basicConfig(level=logging.WARNING)
@@ -184,9 +272,11 @@ def main() -> None:
     coll = write_collection(features, args)
     print(f"collection: {args.videos} videos x {args.frames} frames in {features} "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.run is None and args.train_steps > 0:
+        args.run = train_run(coll, args)
     head, head_desc = make_head(coll, args)
     store = FeatureStore(features)
-    scorer = Scorer(head, args.frames, args.words + 2, head_desc, {"bench": head_desc})
+    scorer = Scorer(head, args.frames, args.words + 1, head_desc, {"bench": head_desc})
     folder = features / "index" / f"bench-{'run' if args.run else f'perturb{args.perturb}'}"
     shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
@@ -221,6 +311,25 @@ def main() -> None:
     same_set = [set(h.video for h in r.hits) == set(b) for r, b in zip(results, best)]
     same_order = [[h.video for h in r.hits] == b for r, b in zip(results, best)]
     target_rank = (full > full[torch.arange(len(targets)), targets][:, None]).sum(1) + 1  # the described video
+    # each query whose two sets differ: lost in stage 1 (an exhaustive top-k video not among the candidates),
+    # or a stage-2 disagreement (all there, yet ranked otherwise: a tie at the k-th place, within rounding)
+    from retrieval.codes import text_stage1
+    lost_stage1, near_ties = [], []
+    with torch.inference_mode():
+        q1 = text_stage1(head, text).numpy()
+    for q, (r, b) in enumerate(zip(results, best)):
+        if set(h.video for h in r.hits) == set(b):
+            continue
+        cand = set(index.search_videos(q1[q], args.candidates).tolist())
+        missing = sorted(set(b) - cand)
+        if missing:
+            lost_stage1.append(q)
+        else:
+            kth = full[q].topk(args.top + 1).values
+            near_ties.append(float(kth[-2] - kth[-1]))
+    print(f"differing queries: {len(lost_stage1)} lost in stage 1, {len(near_ties)} with every exhaustive top-{args.top} "
+          f"video among the candidates (k-th minus (k+1)-th exhaustive score: "
+          f"{', '.join(f'{g:.1e}' for g in near_ties) or '-'})", flush=True)
 
     # float16 codes against the head's own float32 encodings, on the first --check-videos videos
     n = min(args.check_videos, args.videos)
@@ -250,6 +359,8 @@ def main() -> None:
         (f"same top-{args.top} set", round(100 * recall, 1),
          f"% of {args.queries} queries; target >= {100 * TARGET_RECALL:.0f}: {'met' if recall >= TARGET_RECALL else 'MISSED'}"),
         (f"same top-{args.top} order", round(100 * float(np.mean(same_order)), 1), "%"),
+        ("  lost in stage 1", len(lost_stage1), "queries with an exhaustive top-k video not among the candidates"),
+        ("  stage-2 near ties", len(near_ties), "queries with all of them among the candidates, ranked otherwise"),
         ("exhaustive (s, all queries)", round(exhaustive_s, 1), "full head on every video's codes"),
         ("described video rank p50", float(target_rank.float().median()), "exhaustive rank of the video the query describes"),
         ("fp16 codes: max |score diff|", round(diff, 5), f"vs the head's fp32 on {n} videos"),
@@ -263,6 +374,7 @@ def main() -> None:
                        "clip_text_p50": 1000 * float(np.median(clip_t)), "keywords_p50": 1000 * float(np.median(kw_t)),
                        "stages_p50": {k: 1000 * v for k, v in stages.items()}},
         "same_top_set": recall, "same_top_order": float(np.mean(same_order)), "exhaustive_seconds": exhaustive_s,
+        "lost_in_stage1": len(lost_stage1), "stage2_near_ties": near_ties,
         "described_video_rank_median": float(target_rank.float().median()),
         "fp16_max_abs_diff": diff, "fp16_same_top_share": same_top_fp32,
         "targets": {"p50_ms": 1000 * TARGET_P50, "p95_ms": 1000 * TARGET_P95, "same_top_set": TARGET_RECALL}})

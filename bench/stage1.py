@@ -3,7 +3,8 @@
     python bench/stage1.py                      # bench/search.py's 100,000-video collection (cached), 50 queries
     python bench/stage1.py --videos 10000       # quicker
 
-The same collection, head and queries as bench/search.py (its functions, same seeds). The index's codes
+The same collection, head (by default its trained run) and queries as bench/search.py (its functions, same
+seeds). The index's codes
 are built once (exact stage 1) and kept under the collection's cache; the exhaustive scores of the full head
 are cached beside them. Then, on the stage-1 vectors (videos x moments rows), for each index: build seconds,
 milliseconds a query, and the share of queries whose exhaustive top-k videos are all among the --candidates
@@ -37,10 +38,13 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lseca-bench")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hnsw", action="store_true", help="skip HNSW (its build takes minutes at 100k)")
+    p.add_argument("--train-steps", type=int, default=300, help="as bench/search.py: the trained head it uses "
+                   "(its cached run); 0: the untrained, perturbed head")
     a = p.parse_args()
     args = argparse.Namespace(videos=a.videos, queries=a.queries, candidates=max(a.candidates), top=a.top,
                               topics=1000, frames=12, words=16, dim=512, perturb=1.0, shard_videos=5000,
-                              exact_below=None, moments=None, run=None, cache=a.cache, seed=a.seed, check_videos=0)
+                              exact_below=None, moments=None, run=None, cache=a.cache, seed=a.seed, check_videos=0,
+                              train_steps=a.train_steps, train_videos=3000, train_batch=128)
     import faiss
     import torch
     from heads.model import TEXT_KEYS
@@ -51,10 +55,12 @@ def main() -> None:
 
     features = args.cache / f"search-{args.videos}-{args.frames}f-d{args.dim}-seed{args.seed}"
     coll = B.write_collection(features, args)
+    if args.train_steps > 0:
+        args.run = B.train_run(coll, args)
     head, desc = B.make_head(coll, args)
     store = FeatureStore(features)
-    scorer = Scorer(head, args.frames, args.words + 2, desc, {"bench": desc})
-    folder = features / "index" / "stage1"
+    scorer = Scorer(head, args.frames, args.words + 1, desc, {"bench": desc})
+    folder = features / "index" / f"stage1-{'run' if args.run else 'perturbed'}"
     t0 = time.perf_counter()
     try:
         index = open_index(folder, store, scorer, "")

@@ -9,6 +9,15 @@
     serve.py     the HTTP server (FastAPI and uvicorn, the optional [serve] extra) and its page in static/
 """
 
+# Defaults shared by `index`, `search`, `serve` and the library (kept here, free of torch, for the CLI).
+# Measured on bench/search.py's 100,000-video collection with a trained full head (bench/stage1.py): stage 1
+# keeps every query's exhaustive top 10 among its candidates for 90% of queries at 200 candidates and for 100%
+# at 500 when it is exact (a matmul over 400,000 rows: 33 ms a query on a quiet 2-core CPU); no approximate
+# index tried kept more than 92% at any candidate count (IVF, HNSW: the lost videos sit in lists far from the
+# query), so stage 1 is exact up to EXACT_BELOW rows (videos x moments, 1.6 GiB of float32 at 1,024 wide).
+CANDIDATES = 500  # stage-1 candidates the full head scores per query
+EXACT_BELOW = 500_000  # stage-1 rows searched exactly below this; a FAISS inverted file (IVF-Flat) at and above
+
 
 class SearchError(ValueError):
     """A query, collection, index or run that cannot be searched; the message says which and why."""

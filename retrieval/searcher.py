@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from heads.model import TEXT_KEYS, TextFeatures
 from pipeline.read import FeatureStore, uniform_indices
 
-from . import SearchError
+from . import CANDIDATES, SearchError
 from .codes import text_stage1, video_codes, video_stage1
 from .index import SavedIndex
 from .query import encode_text_query, encode_video_query, load_encoder
@@ -83,7 +83,7 @@ class Searcher:
             raise SearchError(f"top and candidates must be at least 1 (got {top} and {candidates})")
 
     # --- text -> videos ---------------------------------------------------------------------------------
-    def text(self, query: str, top: int = 10, candidates: int = 200) -> SearchResult:
+    def text(self, query: str, top: int = 10, candidates: int = CANDIDATES) -> SearchResult:
         """The `top` videos for a text query; candidates >= the collection is an exhaustive full-head search."""
         if not query or not query.strip():
             raise SearchError('empty query: give the text to search for, e.g. search "a dog catches a frisbee"')
@@ -93,7 +93,7 @@ class Searcher:
         return self.text_encoded(arrays, query.strip(), top, candidates, clock)
 
     @torch.inference_mode()
-    def text_encoded(self, arrays: dict, label: str, top: int = 10, candidates: int = 200,
+    def text_encoded(self, arrays: dict, label: str, top: int = 10, candidates: int = CANDIDATES,
                      clock: Clock | None = None) -> SearchResult:
         """As text(), for a query already laid out as TEXT_KEYS tensors of one row (a bench, a test)."""
         self._check(top, candidates)
@@ -121,7 +121,7 @@ class Searcher:
         return Hit(rank_, s, row["video_id"], row["path"], second, row["path"], video=v)
 
     # --- video -> videos or captions ----------------------------------------------------------------------
-    def video(self, path: Path | str, target: str = "videos", top: int = 10, candidates: int = 200) -> SearchResult:
+    def video(self, path: Path | str, target: str = "videos", top: int = 10, candidates: int = CANDIDATES) -> SearchResult:
         """The `top` videos or captions for a query video, encoded as extraction does.
 
         Videos: the cosine of the stage-1 vectors (the run's text-independent space; plain CLIP's meanP

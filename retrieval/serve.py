@@ -18,7 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import SearchError
+from . import CANDIDATES, SearchError
 from .page import thumbnail
 from .searcher import TARGETS, Searcher, SearchResult
 
@@ -32,7 +32,7 @@ class Limits:
     query_chars = 500  # characters of a text query
     upload_bytes = 200 * 2 ** 20  # bytes of an uploaded clip
     top = 100  # hits per answer
-    candidates = 200  # stage-1 candidates per query
+    candidates = CANDIDATES  # stage-1 candidates per query
 
 
 def collection_root(searcher: Searcher) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from heads.config import HeadConfig
 from pipeline.read import FeatureStore
-from retrieval import SearchError
+from retrieval import CANDIDATES, SearchError
 from retrieval.index import EXACT_BELOW, StaleIndexError, build_index, default_folder, open_index  # noqa: F401
 from retrieval.page import format_result, thumbnail, write_html  # noqa: F401 (the job's outputs)
 from retrieval.query import encode_text_query, encode_video_query, load_encoder  # noqa: F401
@@ -109,7 +109,7 @@ def open_searcher(features: Path | str, run: Path | None = None, device: str = "
 
 
 def search_text(features: Path | str, query: str, run: Path | None = None, top: int = 10,
-                candidates: int = 200, device: str = "cpu", pretrained: str | None = None,
+                candidates: int = CANDIDATES, device: str = "cpu", pretrained: str | None = None,
                 index_dir: Path | None = None) -> SearchResult:
     """The `top` videos for a text query: stage-1 candidates, then the full head with the best second."""
     if not query or not query.strip():
@@ -125,7 +125,7 @@ def search_text(features: Path | str, query: str, run: Path | None = None, top: 
 
 
 def search_video(features: Path | str, video_path: Path | str, run: Path | None = None, target: str = "videos",
-                 top: int = 10, candidates: int = 200, device: str = "cpu", pretrained: str | None = None,
+                 top: int = 10, candidates: int = CANDIDATES, device: str = "cpu", pretrained: str | None = None,
                  index_dir: Path | None = None) -> SearchResult:
     """The `top` videos or captions of the collection for a query video (see Searcher.video)."""
     if target not in TARGETS:
