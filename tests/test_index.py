@@ -147,6 +147,9 @@ def test_ivf_lists_grow_in_place_then_retrain(tmp_path):
     assert grown["nlist"] == 64 and grown["added"] == 500 and grown["trained_rows"] == first["trained_rows"]
     index = faiss.read_index(str(path))
     assert index.ntotal == 4500
+    # plain k-means means, not FAISS's default unit-length centroids for inner product (README: recall)
+    centroids = faiss.extract_index_ivf(index).quantizer.reconstruct_n(0, 64)
+    assert first["spherical"] is False and not np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-3)
     q = rng.standard_normal(16).astype(np.float32)
     every = I.VectorIndex(vectors[:4500], {**grown, "nprobe": grown["nlist"]}, index)
     exact = I.VectorIndex(vectors[:4500], {"kind": "exact", "search": "exact (numpy matmul)"}, None)
