@@ -165,7 +165,8 @@ def train_heads(
                                    "only at inference (an ensemble) | fused: on the joined score | each: on all three "
                                    "(deep supervision). --fusion weighted needs fused or each."),
     temporal_grad: str = typer.Option("both", help="Which terms train the shared temporal encoder: both | fine (the "
-                                      "coarse term reads it through a stop-gradient; inference is unchanged)."),
+                                      "coarse term reads it through a stop-gradient; inference is unchanged) | "
+                                      "separate (the coarse term has a temporal encoder of its own)."),
     checkpoint_every: float = typer.Option(30.0, min=0.0, help="Seconds between last.pt checkpoints (always after "
                                            "the last epoch); 0: after every epoch."),
     seed: int = typer.Option(0),

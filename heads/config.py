@@ -28,7 +28,9 @@ class HeadConfig:
     # part at 200 steps, 3 seeds: README "Training the full head"); "fused": InfoNCE on the joined score (the
     # default before); "each": the mean of the fused and of each term's own InfoNCE (deep supervision)
     temporal_grad: str = "both"  # which terms train the shared S2 temporal encoder: "both", or "fine" (the coarse
-    # term reads the temporal features through a stop-gradient; the forward pass, and so inference, is unchanged)
+    # term reads the temporal features through a stop-gradient; the forward pass, and so inference, is unchanged),
+    # or "separate": nothing is shared, the coarse term has a temporal encoder of its own (from CLIP's blocks too
+    # with temporal_init "clip"), so neither term's loss can pull the other's temporal features
     temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
     temporal_heads: int = 8  # attention heads of the temporal encoder and of the frame-weight self-attention
     temporal_init: str = "clip"  # "clip": start from CLIP's first text blocks and positions (CLIP4Clip); "random"
@@ -56,8 +58,8 @@ class HeadConfig:
             raise ValueError("fusion 'weighted' learns its weights from the loss on the joined score, which loss_terms "
                              "'parts' does not compute: nothing would train them. Use loss_terms 'fused' or 'each' "
                              "with it (--loss-terms fused), or fusion 'sum'")
-        if self.temporal_grad not in ("both", "fine"):
-            raise ValueError(f"temporal_grad must be 'both' or 'fine', not {self.temporal_grad!r}")
+        if self.temporal_grad not in ("both", "fine", "separate"):
+            raise ValueError(f"temporal_grad must be 'both', 'fine' or 'separate', not {self.temporal_grad!r}")
         if self.temporal_init not in ("clip", "random"):
             raise ValueError(f"temporal_init must be 'clip' or 'random', not {self.temporal_init!r}")
         if self.temporal_activation not in ("gelu", "quick_gelu"):

@@ -36,7 +36,8 @@ class _Rows:
 class VideoFeatures(_Rows):
     f0: Tensor  # (Nv, F, D) projected frames
     f: Tensor  # (Nv, F, D) temporal frame features
-    v_bar: Tensor  # (Nv, D) masked mean of the L2-normalised f (CLIP4Clip's pooling, before its final norm)
+    v_bar: Tensor  # (Nv, D) masked mean of the L2-normalised f (CLIP4Clip's pooling, before its final norm); with
+    # temporal_grad "separate", of the coarse term's own temporal features (v_bar only feeds the coarse term)
     h: Tensor  # (Nv, F, D) enhanced local features
     beta: Tensor  # (Nv, F) adaptive frame weights normalised over real frames (uniform without S2), 0 on padding
     mask: Tensor  # (Nv, F) True = real frame
@@ -84,8 +85,14 @@ class RetrievalHead(nn.Module):
         # the S2/S3 enhancements and the word weights only feed the fine term
         self.temporal = (TemporalEncoder(dim, cfg.temporal_layers, cfg.temporal_heads, cfg.max_positions,
                                          cfg.dropout, cfg.temporal_activation) if cfg.temporal else None)
-        if self.temporal is not None and clip_blocks is not None:
-            self.temporal.load_clip_blocks(clip_blocks)
+        # temporal_grad "separate": the coarse term's own temporal encoder (only with both terms)
+        self.temporal_coarse = (TemporalEncoder(dim, cfg.temporal_layers, cfg.temporal_heads, cfg.max_positions,
+                                                cfg.dropout, cfg.temporal_activation)
+                                if cfg.temporal and cfg.temporal_grad == "separate" and cfg.fine and cfg.coarse
+                                else None)
+        for encoder in (self.temporal, self.temporal_coarse):
+            if encoder is not None and clip_blocks is not None:
+                encoder.load_clip_blocks(clip_blocks)
         enhance_video = cfg.fine and cfg.video_enhance
         self.local = LocalEnhancer(dim) if enhance_video else None
         self.frame_weights = FrameWeights(dim, cfg.temporal_heads) if enhance_video else None
@@ -108,14 +115,16 @@ class RetrievalHead(nn.Module):
         # CLIP4Clip's pooling (_loose_similarity): normalise each frame, then average (normalised again in
         # _coarse); unnormalised frames would let a few long feature vectors outvote the others
         v_bar = masked_mean(F.normalize(f, dim=-1), frame_mask)  # (Nv, D)
+        f_coarse = self.temporal_coarse(f0, frame_mask) if self.temporal_coarse is not None else f
+        v_bar_coarse = masked_mean(F.normalize(f_coarse, dim=-1), frame_mask) if f_coarse is not f else v_bar
         if self.local is not None:
             h = self.local(f, v_bar)  # (Nv, F, D)
             # the weights act as frame weights of the fine match; scaling h by them would not change a cosine
             beta = normalised_frame_weights(self.frame_weights(h, frame_mask), frame_mask)  # (Nv, F)
         else:
             h, beta = f, frame_mask / frame_mask.sum(1, keepdim=True).clamp(min=1)  # (Nv, F, D), (Nv, F)
-        keys, values = self.pool.video_side(self._coarse_input(f)) if self.pool is not None else (None, None)
-        return VideoFeatures(f0=f0, f=f, v_bar=v_bar, h=h, beta=beta.to(f.dtype), mask=frame_mask,
+        keys, values = self.pool.video_side(self._coarse_input(f_coarse)) if self.pool is not None else (None, None)
+        return VideoFeatures(f0=f0, f=f, v_bar=v_bar_coarse, h=h, beta=beta.to(f.dtype), mask=frame_mask,
                              pool_keys=keys, pool_values=values)
 
     def for_ranking(self, video: VideoFeatures) -> VideoFeatures:

@@ -65,7 +65,7 @@ def param_groups(model: nn.Module, weight_decay: float, temporal_lr: Optional[fl
         own = "base"
         if clip_lr is not None and name.startswith(TAIL_PREFIX):
             own = "clip"
-        elif temporal_lr is not None and name.removeprefix(HEAD_PREFIX).startswith("temporal."):
+        elif temporal_lr is not None and name.removeprefix(HEAD_PREFIX).split(".")[0] in ("temporal", "temporal_coarse"):
             own = "temporal"
         groups.setdefault((own, skip), []).append(p)
     out = []

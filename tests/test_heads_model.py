@@ -388,3 +388,33 @@ def test_ranking_layout_gives_the_same_scores_without_the_per_pair_linear():
                                    rtol=1e-5, atol=1e-5)
     model.train()
     assert model.for_ranking(video) is video  # training keeps the plain path (dropout)
+
+
+def test_temporal_grad_separate_gives_the_coarse_term_a_temporal_encoder_of_its_own():
+    """Nothing shared: the coarse loss trains only the coarse encoder (and S4), the fine loss only the fine one;
+    both start from the same initialisation (CLIP's blocks when given), and a head with one term keeps one."""
+    batch = make_batch(frames=10, full=True)
+    model = make_model(dropout=0.0, temporal_grad="separate")
+    assert model.temporal_coarse is not None
+    assert make_model(temporal_grad="separate", fine=False).temporal_coarse is None
+    text, video = encode(model, batch)
+
+    def grad(module):
+        return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+    model.zero_grad()
+    model._coarse(text, video, False).sum().backward(retain_graph=True)
+    assert grad(model.temporal_coarse) > 0 and grad(model.temporal) == 0 and grad(model.pool) > 0
+    model.zero_grad()
+    model._fine(text, video, False).sum().backward()
+    assert grad(model.temporal) > 0 and grad(model.temporal_coarse) == 0
+    from heads.trainer import param_groups
+    groups = param_groups(model, 0.1, temporal_lr=1e-4)
+    temporal = {id(p) for g in groups if g.get("lr") == 1e-4 for p in g["params"]}
+    assert {id(p) for p in model.temporal_coarse.parameters()} <= temporal  # --temporal-lr reaches both
+    with torch.no_grad():  # copied from the same initial weights, the coarse term is what a shared encoder gives
+        model.temporal_coarse.load_state_dict(model.temporal.state_dict())
+    shared = make_model(dropout=0.0)
+    shared.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("temporal_coarse.")})
+    shared.eval(), model.eval()
+    torch.testing.assert_close(scores(model, batch), scores(shared, batch))
