@@ -76,8 +76,9 @@ def eval_row(d: dict, big: dict | None) -> tuple[str, str]:
     run = d["runs"][0]
     fig = (f"**1k x 1k: {d['seconds_1k_x_1k']:.0f} s** ({run.get('cpu_s', float('nan')):.0f} CPU s, "
            f"load average {run.get('load_average_1m', float('nan')):g}; reading {run.get('open_and_texts_s', 0):.1f} s "
-           f"of it): {verdict(d['seconds_1k_x_1k'] < d['target_seconds_1k_x_1k'])}")
-    rss = big if big and big.get("ran_100k") else d
+           f"of it, from a store of {d.get('features', {}).get('shards', '?'):,} shards): "
+           f"{verdict(d['seconds_1k_x_1k'] < d['target_seconds_1k_x_1k'])}")
+    rss = d if d.get("ran_100k") else big or d  # this version's own 100k run when it has one
     if rss.get("ran_100k"):
         fig += (f"; 1k x 100k: {rss['seconds_1k_x_100k']:.0f} s, peak RSS {rss['peak_rss_mib_max']:,} MiB "
                 f"({'this version' if rss is d else 'an earlier version, bench/results/eval_100k.json'}): "
