@@ -263,13 +263,13 @@ class TextConditionedPool(nn.Module):
         if not aligned:  # video-major: every product below is a batched matmul over the videos
             a = a.transpose(0, 1)  # (Nv, Nt, K)
         if aligned:
-            s1 = torch.sqrt(torch.einsum("nk,nkl,nl->n", a, gram, a) + self.ln1.eps)  # (N,)
+            s1 = torch.sqrt(torch.einsum("nk,nkl,nl->n", a, gram, a).clamp(min=0) + self.ln1.eps)  # (N,)
         else:
-            s1 = torch.sqrt((torch.matmul(a, gram) * a).sum(-1) + self.ln1.eps)  # (Nv, Nt)
+            s1 = torch.sqrt((torch.matmul(a, gram) * a).sum(-1).clamp(min=0) + self.ln1.eps)  # (Nv, Nt)
         x = torch.cat([a / s1.unsqueeze(-1), torch.ones_like(a[..., :1])], -1)  # (..., K+1)
         both = torch.matmul(x, forms) if not aligned else torch.einsum("nk,nkl->nl", x, forms)
         var2, sq = (both * torch.cat([x, x], -1)).unflatten(-1, (2, -1)).sum(-1).unbind(-1)
-        s2 = torch.sqrt(var2 + self.ln2.eps)
+        s2 = torch.sqrt(var2.clamp(min=0) + self.ln2.eps)  # a variance near 0 may round below it
         if aligned:
             dot = torch.einsum("nk,nkd,nd->n", x, basis, t)  # (N,)
         else:
