@@ -50,9 +50,30 @@ def orthonormal(rng, rows: int, cols: int) -> np.ndarray:
     return np.linalg.qr(rng.standard_normal((rows, cols)))[0].astype(np.float32)  # (rows, cols)
 
 
+def make_events(topics: np.ndarray, n: int, rng) -> np.ndarray:
+    """(n, D) events of one video: each a random topic plus its own offset."""
+    return (topics[rng.integers(0, len(topics), n)]
+            + 0.8 * rng.standard_normal((n, topics.shape[1]), dtype=np.float32))
+
+
+def clip_latents(events: np.ndarray, frames: int, rng) -> np.ndarray:
+    """(frames, D) latents of a clip: its events in order over uneven spans, each frame with its own noise."""
+    segment = np.sort(rng.integers(0, len(events), frames))
+    return events[segment] + 0.6 * rng.standard_normal((frames, events.shape[1]), dtype=np.float32)
+
+
+def add_video(data, vid: str, row: int, frames: np.ndarray) -> None:
+    """One video of a shard in the extract format: 1 FPS frames (F, Dv) float16 from frame row `row` on."""
+    from pipeline import schema as S
+    n = len(frames)
+    data.videos.append({"video_id": vid, "path": f"/synthetic/{vid}", "duration": float(n), "num_frames": n,
+                        "frame_start": row, "status": S.STATUS_OK, "error": "", "shard": data.index})
+    data.frames.append(frames)
+    data.frame_times.append(np.arange(n, dtype=np.float32) + 0.5)
+
+
 def write_collection(out: Path, args) -> dict:
     """Shards of --videos videos; returns the events of each video (for the queries) and the projections."""
-    from pipeline import schema as S
     from pipeline.write import ShardData, write_shard
 
     rng = np.random.default_rng(args.seed)
@@ -60,11 +81,9 @@ def write_collection(out: Path, args) -> dict:
     image_proj, text_proj = orthonormal(rng, DV, d), orthonormal(rng, DT, d)  # (Dv, D), (Dt, D)
     topics = rng.standard_normal((args.topics, d)).astype(np.float32)
     back = np.linalg.pinv(image_proj).astype(np.float32)  # (D, Dv)
-    events, marker = [], out / "complete"
+    marker = out / "complete"
     n_events = rng.integers(2, 4, args.videos)
-    for v in range(args.videos):
-        events.append(topics[rng.integers(0, args.topics, n_events[v])]
-                      + 0.8 * rng.standard_normal((n_events[v], d), dtype=np.float32))
+    events = [make_events(topics, n_events[v], rng) for v in range(args.videos)]
     coll = {"events": events, "image_proj": image_proj, "text_proj": text_proj, "topics": topics}
     if marker.exists():
         return coll
@@ -74,16 +93,10 @@ def write_collection(out: Path, args) -> dict:
         vids = range(start, min(args.videos, start + args.shard_videos))
         z = np.empty((len(vids), args.frames, d), np.float32)
         for b, v in enumerate(vids):
-            segment = np.sort(rng.integers(0, len(events[v]), args.frames))  # events in order, uneven lengths
-            z[b] = events[v][segment] + 0.6 * rng.standard_normal((args.frames, d), dtype=np.float32)
+            z[b] = clip_latents(events[v], args.frames, rng)
         frames = (z.reshape(-1, d) @ back).reshape(len(vids), args.frames, DV).astype(np.float16)
         for b, v in enumerate(vids):
-            vid = f"video{v:06d}.mp4"
-            data.videos.append({"video_id": vid, "path": f"/synthetic/{vid}", "duration": float(args.frames),
-                                "num_frames": args.frames, "frame_start": b * args.frames, "status": S.STATUS_OK,
-                                "error": "", "shard": index})
-            data.frames.append(frames[b])
-            data.frame_times.append(np.arange(args.frames, dtype=np.float32) + 0.5)
+            add_video(data, f"video{v:06d}.mp4", b * args.frames, frames[b])
         data.meta = {"shard": index, "synthetic": True}
         write_shard(out, data, image_proj, text_proj, {"model": "ViT-B-32", "pretrained": "synthetic"})
     marker.write_text("ok\n")
@@ -120,7 +133,6 @@ def write_training_set(out: Path, coll: dict, args) -> Path:
     """--train-videos new videos of the collection's process (its topics and projections), each with 2
     captions of one of its events made as the queries are, in the extract format (one shard of each
     split: 90% train, 10% val). The collection and its queries are not in it."""
-    from pipeline import schema as S
     from pipeline.write import ShardData, write_shard
 
     marker = out / "complete"
@@ -128,26 +140,18 @@ def write_training_set(out: Path, coll: dict, args) -> Path:
         return out
     shutil.rmtree(out, ignore_errors=True)
     rng = np.random.default_rng(args.seed + 7)
-    d = args.dim
     back_v = np.linalg.pinv(coll["image_proj"]).astype(np.float32)
     back_t = np.linalg.pinv(coll["text_proj"]).astype(np.float32)
     n_val = max(args.train_videos // 10, 1)
     caption_id = 0
     for index, (split, videos) in enumerate((("train", args.train_videos - n_val), ("val", n_val))):
-        data, tokens, keywords = ShardData(index), [], []
+        data, keywords = ShardData(index), []
         n_tokens = 0
         for b in range(videos):
             k = rng.integers(2, 4)
-            events = (coll["topics"][rng.integers(0, len(coll["topics"]), k)]
-                      + 0.8 * rng.standard_normal((k, d), dtype=np.float32))
-            segment = np.sort(rng.integers(0, k, args.frames))
-            z = events[segment] + 0.6 * rng.standard_normal((args.frames, d), dtype=np.float32)
+            events = make_events(coll["topics"], k, rng)
             vid = f"{split}{b:06d}.mp4"
-            data.videos.append({"video_id": vid, "path": f"/synthetic/{vid}", "duration": float(args.frames),
-                                "num_frames": args.frames, "frame_start": b * args.frames, "status": S.STATUS_OK,
-                                "error": "", "shard": index})
-            data.frames.append((z @ back_v).astype(np.float16))
-            data.frame_times.append(np.arange(args.frames, dtype=np.float32) + 0.5)
+            add_video(data, vid, b * args.frames, (clip_latents(events, args.frames, rng) @ back_v).astype(np.float16))
             for _ in range(2):
                 tok, kw = describe(events[rng.integers(0, k)], args.words, rng, back_t)
                 data.captions.append({"caption_id": caption_id, "video_id": vid, "split": split, "caption": "synthetic",
