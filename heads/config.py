@@ -24,9 +24,9 @@ class HeadConfig:
     fusion: str = "sum"  # how S5 joins the terms: "sum" = fine + coarse (the patent), "mean" = (fine + coarse) / 2,
     # "weighted" = w_c * coarse + w_f * fine with (w_c, w_f) a learnt softmax, starting at (1/2, 1/2)
     loss_terms: str = "parts"  # "parts": each term's own InfoNCE only (the terms are trained as two retrieval
-    # models and joined only at inference, an ensemble; the default since it was the one full head above every
-    # part at 200 steps, 3 seeds: README "Training the full head"); "fused": InfoNCE on the joined score (the
-    # default before); "each": the mean of the fused and of each term's own InfoNCE (deep supervision)
+    # models and joined only at inference, an ensemble; the default as the best full-head recipe measured, though
+    # below fine only on the second held-out set: README "Training the full head"); "fused": InfoNCE on the
+    # joined score (the default before); "each": the mean of the fused and of each term's own InfoNCE
     temporal_grad: str = "both"  # which terms train the shared S2 temporal encoder: "both", or "fine" (the coarse
     # term reads the temporal features through a stop-gradient; the forward pass, and so inference, is unchanged),
     # or "separate": nothing is shared, the coarse term has a temporal encoder of its own (from CLIP's blocks too

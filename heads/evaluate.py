@@ -235,8 +235,8 @@ def rank_all(model: RetrievalHead, texts: dict, text_to_video: Tensor, video_chu
     t2v_ranks, v2t_ranks = torch.empty(n_texts, dtype=torch.long), (1 + v2t_count).cpu()
     t2v_ranks[order] = (1 + t2v_count).cpu()  # back to the caller's order of texts
     if k:
-        top_scores, top_indices = top_scores.cpu().index_select(0, torch.argsort(order)), \
-            top_indices.cpu().index_select(0, torch.argsort(order))  # row i of the sorted order is text order[i]
+        back = torch.argsort(order)  # row i of the sorted order is text order[i]
+        top_scores, top_indices = top_scores.cpu()[back], top_indices.cpu()[back]
     return EvalResult(t2v_ranks=t2v_ranks, v2t_ranks=v2t_ranks,
                       t2v=metrics_from_ranks(t2v_ranks), v2t=metrics_from_ranks(v2t_ranks),
                       top_k_indices=top_indices if k else None, top_k_scores=top_scores if k else None,

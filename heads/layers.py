@@ -260,22 +260,16 @@ class TextConditionedPool(nn.Module):
         basis, gram, forms, shift = factors["basis"], factors["gram"], factors["forms"], factors["shift"]
         a = attn.transpose(-1, -2).flatten(-2)  # (..., F*H), F-major as the basis rows
         a = torch.cat([a, torch.ones_like(a[..., :1])], -1)  # (..., K)
-        if not aligned:  # video-major: every product below is a batched matmul over the videos
-            a = a.transpose(0, 1)  # (Nv, Nt, K)
-        if aligned:
-            s1 = torch.sqrt(torch.einsum("nk,nkl,nl->n", a, gram, a).clamp(min=0) + self.ln1.eps)  # (N,)
-        else:
-            s1 = torch.sqrt((torch.matmul(a, gram) * a).sum(-1).clamp(min=0) + self.ln1.eps)  # (Nv, Nt)
-        x = torch.cat([a / s1.unsqueeze(-1), torch.ones_like(a[..., :1])], -1)  # (..., K+1)
-        both = torch.matmul(x, forms) if not aligned else torch.einsum("nk,nkl->nl", x, forms)
-        var2, sq = (both * torch.cat([x, x], -1)).unflatten(-1, (2, -1)).sum(-1).unbind(-1)
+        # laid out (rows, pairs per row, K): aligned pairs as (N, 1, K); all pairs video-major as (Nv, Nt, K), so
+        # every product below is a matmul batched over the first dimension
+        a = a.unsqueeze(1) if aligned else a.transpose(0, 1)
+        s1 = torch.sqrt((torch.matmul(a, gram) * a).sum(-1).clamp(min=0) + self.ln1.eps)  # (rows, pairs)
+        x = torch.cat([a / s1.unsqueeze(-1), torch.ones_like(a[..., :1])], -1)  # (rows, pairs, K+1)
+        var2, sq = (torch.matmul(x, forms) * torch.cat([x, x], -1)).unflatten(-1, (2, -1)).sum(-1).unbind(-1)
         s2 = torch.sqrt(var2.clamp(min=0) + self.ln2.eps)  # a variance near 0 may round below it
-        if aligned:
-            dot = torch.einsum("nk,nkd,nd->n", x, basis, t)  # (N,)
-        else:
-            dot = (torch.matmul(basis, t.T).transpose(1, 2) * x).sum(-1)  # (Nv, K+1, Nt) -> (Nv, Nt)
-        num = dot / s2 + t @ self.ln2.bias if aligned else dot / s2 + (t @ self.ln2.bias)[None]
-        norm_sq = sq / s2 ** 2 + 2 * (x * (shift if aligned else shift[:, None])).sum(-1) / s2 \
-            + self.ln2.bias.square().sum()
-        cos = num / torch.sqrt(norm_sq.clamp(min=0)).clamp(min=1e-12)  # F.normalize's floor
-        return cos if aligned else cos.T  # (N,) or (Nt, Nv)
+        t_rows = t.unsqueeze(-1) if aligned else t.T  # (N, D, 1) or (D, Nt)
+        dot = (torch.matmul(basis, t_rows).transpose(1, 2) * x).sum(-1)  # (rows, pairs)
+        tb = (t @ self.ln2.bias).unsqueeze(1) if aligned else (t @ self.ln2.bias)[None]  # (N, 1) or (1, Nt)
+        norm_sq = sq / s2 ** 2 + 2 * (x * shift[:, None]).sum(-1) / s2 + self.ln2.bias.square().sum()
+        cos = (dot / s2 + tb) / torch.sqrt(norm_sq.clamp(min=0)).clamp(min=1e-12)  # F.normalize's floor
+        return cos[:, 0] if aligned else cos.T  # (N,) or (Nt, Nv)

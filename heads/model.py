@@ -205,7 +205,8 @@ class RetrievalHead(nn.Module):
 
     def _word_frame_cos(self, text: TextFeatures, video: VideoFeatures, aligned: bool):
         """Cosines c (Nt, Nv, N, F) of every word with every frame (PAD_COS lower where either is padding),
-        and the frame mask and weights laid out to broadcast against it. Aligned pairs are laid out as an (N, 1) grid so one code path serves both."""
+        and the frame mask and weights laid out to broadcast against it. Aligned pairs are laid out as an
+        (N, 1) grid so one code path serves both."""
         w = F.normalize(text.w_e, dim=-1)  # (Nt, N, D)
         h = F.normalize(video.h, dim=-1)  # (Nv, F, D)
         # Two more coordinates, [pad_w, 1] on the words and [1, pad_f] on the frames, add PAD_COS to every
