@@ -167,6 +167,10 @@ def train_heads(
     temporal_grad: str = typer.Option("both", help="Which terms train the shared temporal encoder: both | fine (the "
                                       "coarse term reads it through a stop-gradient; inference is unchanged) | "
                                       "separate (the coarse term has a temporal encoder of its own)."),
+    clip_terms: Optional[bool] = typer.Option(None, "--clip-terms/--global-clip", help="With a loss of several "
+                                              "terms (--loss-terms parts or each): clip each term's gradient to "
+                                              "the norm on its own, then add them | clip their sum once. Default: "
+                                              "TrainConfig's (README, \"Training the full head\")."),
     checkpoint_every: float = typer.Option(30.0, min=0.0, help="Seconds between last.pt checkpoints (always after "
                                            "the last epoch); 0: after every epoch."),
     seed: int = typer.Option(0),
@@ -211,7 +215,8 @@ def train_heads(
         cfg = RunConfig(features=str(features.resolve()), head=head,
                         train=TrainConfig(epochs=epochs or 0, lr=lr, temporal_lr=temporal_lr,
                                           weight_decay=weight_decay, warmup=warmup, clip_lr=clip_lr,
-                                          seed=seed, device=dev, amp=amp, checkpoint_every=checkpoint_every),
+                                          seed=seed, device=dev, amp=amp, checkpoint_every=checkpoint_every,
+                                          **({} if clip_terms is None else {"clip_terms": clip_terms})),
                         batch_size=batch_size, max_words=max_words, val_split=val_split,
                         unfreeze_blocks=unfreeze_blocks, checkpoint_activations=checkpoint_activations)
         train(cfg, out, resume=resume, min_steps=min_steps)

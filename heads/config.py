@@ -69,6 +69,11 @@ class HeadConfig:
         if self.logit_scale_init > self.logit_scale_max:
             raise ValueError("logit_scale_init exceeds logit_scale_max")
 
+    def terms_apart(self) -> bool:
+        """Whether the training loss is made of several InfoNCE terms (both terms on, loss_terms not "fused"):
+        TrainConfig.clip_terms clips each on its own then."""
+        return self.fine and self.coarse and self.loss_terms != "fused"
+
     def to_dict(self) -> dict:
         return asdict(self)
 

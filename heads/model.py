@@ -282,13 +282,18 @@ class RetrievalHead(nn.Module):
         scale = self.logit_scale.exp()
         both = coarse is not None and fine is not None
         if self.cfg.loss_terms == "parts" and both:  # an ensemble: each term learns to rank on its own
-            loss = (symmetric_infonce(coarse * scale) + symmetric_infonce(fine * scale)) / 2
-            return loss, {"loss": loss.detach(), "logit_scale": scale.detach(), "pos_score": s.diagonal().mean().detach()}
+            terms = [symmetric_infonce(coarse * scale), symmetric_infonce(fine * scale)]
+            loss = (terms[0] + terms[1]) / 2
+            return loss, {"loss": loss.detach(), "logit_scale": scale.detach(),
+                          "pos_score": s.diagonal().mean().detach(), "terms": terms}
         loss = symmetric_infonce(s * scale)
         if self.cfg.loss_terms == "each" and both:
             # deep supervision: each term must rank on its own too, so the one that fits the training set
             # first (fine) does not leave the other without gradient once the fused loss is near zero
-            loss = (loss + symmetric_infonce(coarse * scale) + symmetric_infonce(fine * scale)) / 3
+            terms = [loss, symmetric_infonce(coarse * scale), symmetric_infonce(fine * scale)]
+            loss = (terms[0] + terms[1] + terms[2]) / 3
+            return loss, {"loss": loss.detach(), "logit_scale": scale.detach(),
+                          "pos_score": s.diagonal().mean().detach(), "terms": terms}
         return loss, {"loss": loss.detach(), "logit_scale": scale.detach(), "pos_score": s.diagonal().mean().detach()}
 
     @torch.no_grad()

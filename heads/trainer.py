@@ -35,6 +35,10 @@ class TrainConfig:
     weight_decay: float = 0.2  # AdamW decay on weight matrices only
     warmup: float = 0.1  # fraction of all steps spent in linear warm-up before the cosine decay
     grad_clip: float = 1.0  # max global gradient norm
+    clip_terms: bool = False  # with a loss made of terms (the full head's loss_terms "parts" / "each"): clip each
+    # term's gradient to grad_clip on its own, then add them, instead of clipping their sum. Under one global
+    # clip a term whose loss stays high sets the norm and shrinks the others' steps (see README, "Training the
+    # full head"); one backward pass per term
     seed: int = 0  # seeds the global torch RNG (dropout) at the start of a fresh run
     device: str = "cpu"  # where the model and the batches go
     amp: str = "none"  # "none" | "bf16" | "fp16" autocast; ignored off CUDA
@@ -46,6 +50,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"unknown amp mode {self.amp!r}; expected 'none', 'bf16' or 'fp16'")
+        if self.clip_terms and self.amp == "fp16":
+            raise ValueError("clip_terms needs amp 'none' or 'bf16' (fp16's loss scaling is not supported with it)")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -176,9 +182,13 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
             if not torch.isfinite(loss).item():
                 raise NonFiniteLoss(_non_finite_message("loss", loss.item(), epoch, step, run_dir, saved_epochs))
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            terms = logs.pop("terms", None)  # the loss's terms, still in the graph (a full head's "parts" / "each")
+            if cfg.clip_terms and terms:
+                norm = _clipped_term_grads(terms, params, cfg.grad_clip)
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             # fp16 loss scaling overflows on purpose now and then (the scaler skips that step); anything else
             # non-finite is a fault
             if not scaler.is_enabled() and not torch.isfinite(norm).item():
@@ -220,6 +230,25 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
         if on_epoch_end is not None:
             on_epoch_end(record)
     return history
+
+
+def _clipped_term_grads(terms, params: list, max_norm: float) -> torch.Tensor:
+    """Set each parameter's .grad to the sum over the loss's terms of that term's gradient, each clipped to
+    max_norm on its own (the loss is the terms' mean, so each is weighted 1 / len(terms) first). Returns the
+    largest term's norm before clipping, for the non-finite check."""
+    grads = [torch.zeros_like(p) for p in params]
+    norms = []
+    for i, term in enumerate(terms):
+        g = torch.autograd.grad(term / len(terms), params, retain_graph=i + 1 < len(terms), allow_unused=True)
+        g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gi) for gi in g]))
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for acc, gi in zip(grads, g):
+            acc.add_(gi * scale)
+        norms.append(norm)
+    for p, acc in zip(params, grads):
+        p.grad = acc
+    return torch.stack(norms).max()
 
 
 def _non_finite_message(what: str, value: float, epoch: int, step: int, run_dir: Path, saved_epochs: int) -> str:

@@ -128,3 +128,33 @@ def test_checkpoints_are_throttled_but_the_final_epoch_is_always_saved(tmp_path)
         trainer._save = real
     assert saves == [("last.pt", 5)]
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epochs_done"] == 5
+
+
+def test_clip_terms_clips_each_term_on_its_own():
+    from heads.trainer import _clipped_term_grads
+    a, b = torch.ones(4, requires_grad=True), torch.ones(3, requires_grad=True)
+    terms = lambda: [50 * (a ** 2).sum(), 0.3 * b.sum()]  # noqa: E731  # the first above the clip, the second below
+    _clipped_term_grads(terms(), [a, b], 1.0)
+    assert torch.linalg.vector_norm(a.grad).item() == pytest.approx(1.0, rel=1e-5)  # clipped to 1 on its own
+    torch.testing.assert_close(b.grad, torch.full((3,), 0.15))  # d(term / 2) / db, not shrunk by the first term
+    # one global clip of the same loss would have shrunk the small term's gradient ~100-fold
+    a.grad = b.grad = None
+    (sum(terms()) / 2).backward()
+    torch.nn.utils.clip_grad_norm_([a, b], 1.0)
+    assert b.grad.abs().max() < 0.01
+
+
+def test_clip_terms_without_clipping_is_the_plain_gradient(tmp_path):
+    """With a clip no gradient reaches, clipping per term is the gradient of the mean loss: same weights."""
+    data = pairs(n=12, seed=2)
+    weights = []
+    for clip_terms in (False, True):
+        model = make_model(seed=3, loss_terms="parts", temporal_grad="separate")
+        cfg = TrainConfig(epochs=2, lr=1e-3, seed=1, grad_clip=1e9, clip_terms=clip_terms, log_every=1000)
+        fit(model, shuffled_batches(data, 6), 2, cfg, tmp_path / str(clip_terms))
+        weights.append(model.state_dict())
+    a, b = weights
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="clip_terms"):
+        TrainConfig(clip_terms=True, amp="fp16")

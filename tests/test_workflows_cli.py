@@ -61,11 +61,18 @@ def test_baseline_variants_and_ablation_flags(synthetic_features, tmp_path):
 def test_training_recipe_options_reach_the_saved_run(synthetic_features, tmp_path):
     run = tmp_path / "run"
     res = run_cli(*train_args(synthetic_features, run, "--epochs", "1", "--fusion", "mean", "--loss-terms", "each",
-                              "--temporal-grad", "fine", "--temporal-lr", "1e-4"))
+                              "--temporal-grad", "fine", "--temporal-lr", "1e-4", "--global-clip"))
     assert res.returncode == 0, res.stderr
     saved = json.loads((run / "config.json").read_text())["run"]
     assert (saved["head"]["fusion"], saved["head"]["loss_terms"], saved["head"]["temporal_grad"]) == ("mean", "each", "fine")
-    assert saved["train"]["temporal_lr"] == 1e-4
+    assert saved["train"]["temporal_lr"] == 1e-4 and saved["train"]["clip_terms"] is False
+    # clip_terms means nothing to a head with one loss term: not recorded, and such a config reads back
+    res = run_cli(*train_args(synthetic_features, tmp_path / "fine", "--epochs", "1", "--fine-only", "--clip-terms"))
+    assert res.returncode == 0, res.stderr
+    saved = json.loads((tmp_path / "fine" / "config.json").read_text())["run"]
+    assert "clip_terms" not in saved["train"]
+    from workflows.train import RunConfig
+    assert RunConfig.from_dict(saved).train.clip_terms is False
     res = run_cli(*train_args(synthetic_features, tmp_path / "bad", "--epochs", "1", "--temporal-grad", "coarse"))
     assert res.returncode != 0 and "temporal_grad" in res.stderr
 

@@ -54,13 +54,17 @@ class RunConfig:
             d.update(unfreeze_blocks=self.unfreeze_blocks, checkpoint_activations=self.checkpoint_activations)
         else:  # a head-only run's config stays what it was before CLIP's blocks could train (ablate compares them)
             d["train"].pop("clip_lr")
+        if not self.head.terms_apart():  # one loss, one clip: the option does nothing, so it is not recorded
+            d["train"].pop("clip_terms")
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         d = dict(d)
         d["head"] = HeadConfig.from_dict(d["head"])
-        d["train"] = TrainConfig(**d["train"])
+        # a config without clip_terms was written before the option existed, or by a head it does nothing for:
+        # those runs clipped the sum of their loss's terms
+        d["train"] = TrainConfig(**{"clip_terms": False, **d["train"]})
         return cls(**d)
 
 
