@@ -35,10 +35,11 @@ class TrainConfig:
     weight_decay: float = 0.2  # AdamW decay on weight matrices only
     warmup: float = 0.1  # fraction of all steps spent in linear warm-up before the cosine decay
     grad_clip: float = 1.0  # max global gradient norm
-    clip_terms: bool = False  # with a loss made of terms (the full head's loss_terms "parts" / "each"): clip each
-    # term's gradient to grad_clip on its own, then add them, instead of clipping their sum. Under one global
-    # clip a term whose loss stays high sets the norm and shrinks the others' steps (see README, "Training the
-    # full head"); one backward pass per term
+    clip_terms: bool = True  # with a loss made of terms (the full head's loss_terms "parts" / "each"): clip each
+    # term's gradient to grad_clip on its own, then add them, instead of clipping their sum, so that the step each
+    # term's parameters take does not depend on the other term's gradient norm. One backward pass per term (a
+    # full-head step ~1.3x). The default since it measured above one global clip in 6 of 8 seeds on two held-out
+    # sets (README, "Training the full head"); False: one clip of the sum, as before
     seed: int = 0  # seeds the global torch RNG (dropout) at the start of a fresh run
     device: str = "cpu"  # where the model and the batches go
     amp: str = "none"  # "none" | "bf16" | "fp16" autocast; ignored off CUDA
@@ -50,8 +51,6 @@ class TrainConfig:
     def __post_init__(self):
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"unknown amp mode {self.amp!r}; expected 'none', 'bf16' or 'fp16'")
-        if self.clip_terms and self.amp == "fp16":
-            raise ValueError("clip_terms needs amp 'none' or 'bf16' (fp16's loss scaling is not supported with it)")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -184,7 +183,9 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
             optimizer.zero_grad(set_to_none=True)
             terms = logs.pop("terms", None)  # the loss's terms, still in the graph (a full head's "parts" / "each")
             if cfg.clip_terms and terms:
-                norm = _clipped_term_grads(terms, params, cfg.grad_clip)
+                norm = _clipped_term_grads(terms, params, cfg.grad_clip,
+                                           scaler.get_scale() if scaler.is_enabled() else 1.0)
+                scaler.unscale_(optimizer)  # fp16: back to true gradients, and the scaler's overflow check
             else:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -232,22 +233,26 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
     return history
 
 
-def _clipped_term_grads(terms, params: list, max_norm: float) -> torch.Tensor:
+def _clipped_term_grads(terms, params: list, max_norm: float, loss_scale: float = 1.0) -> torch.Tensor:
     """Set each parameter's .grad to the sum over the loss's terms of that term's gradient, each clipped to
     max_norm on its own (the loss is the terms' mean, so each is weighted 1 / len(terms) first). Returns the
-    largest term's norm before clipping, for the non-finite check."""
+    largest term's norm before clipping, for the non-finite check.
+
+    loss_scale: fp16's loss scale; each term is backpropagated scaled, clipped unscaled, and .grad is left
+    scaled again, as a plain scaled backward leaves it for GradScaler.unscale_ (an overflow stays inf/NaN)."""
     grads = [torch.zeros_like(p) for p in params]
     norms = []
     for i, term in enumerate(terms):
-        g = torch.autograd.grad(term / len(terms), params, retain_graph=i + 1 < len(terms), allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
+        g = torch.autograd.grad(term * (loss_scale / len(terms)), params, retain_graph=i + 1 < len(terms),
+                                allow_unused=True)
+        g = [torch.zeros_like(p) if gi is None else gi / loss_scale for p, gi in zip(params, g)]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gi) for gi in g]))
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for acc, gi in zip(grads, g):
-            acc.add_(gi * scale)
+            acc.add_(gi * factor)
         norms.append(norm)
     for p, acc in zip(params, grads):
-        p.grad = acc
+        p.grad = acc * loss_scale if loss_scale != 1.0 else acc
     return torch.stack(norms).max()
 
 

@@ -137,6 +137,12 @@ def test_clip_terms_clips_each_term_on_its_own():
     _clipped_term_grads(terms(), [a, b], 1.0)
     assert torch.linalg.vector_norm(a.grad).item() == pytest.approx(1.0, rel=1e-5)  # clipped to 1 on its own
     torch.testing.assert_close(b.grad, torch.full((3,), 0.15))  # d(term / 2) / db, not shrunk by the first term
+    # under fp16's loss scaling the clipping sees true gradients, and .grad is left scaled for the scaler
+    plain = [a.grad.clone(), b.grad.clone()]
+    a.grad = b.grad = None
+    _clipped_term_grads(terms(), [a, b], 1.0, loss_scale=1024.0)
+    torch.testing.assert_close(a.grad, 1024 * plain[0])
+    torch.testing.assert_close(b.grad, 1024 * plain[1])
     # one global clip of the same loss would have shrunk the small term's gradient ~100-fold
     a.grad = b.grad = None
     (sum(terms()) / 2).backward()
@@ -156,5 +162,3 @@ def test_clip_terms_without_clipping_is_the_plain_gradient(tmp_path):
     a, b = weights
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="clip_terms"):
-        TrainConfig(clip_terms=True, amp="fp16")
