@@ -6,7 +6,8 @@ through Dask, one table per features set).
     python bench/grid.py bench/grids/issue12-call1.json out.jsonl --procs 12 --device cuda
     python bench/summarise_grid.py out.jsonl
 
-GRID.json: {"sets": {name: {"features": DIR, "synthetic": synthetic.json or null}},
+GRID.json: {"sets": {name: {"features": DIR, "synthetic": synthetic.json or null,
+                             "make": the commands that build DIR (optional; not run: run them first)}},
             "runs": [{"set": name, "row": label, "head": {HeadConfig overrides},
                       "train": {TrainConfig overrides}, "steps": N, "seed": S, "max_words": 32,
                       "run": {RunConfig fields, e.g. "unfreeze_blocks": 1 on features extracted with
