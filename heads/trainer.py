@@ -245,10 +245,10 @@ def _clipped_term_grads(terms, params: list, max_norm: float, loss_scale: float 
     for i, term in enumerate(terms):
         g = torch.autograd.grad(term * (loss_scale / len(terms)), params, retain_graph=i + 1 < len(terms),
                                 allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi / loss_scale for p, gi in zip(params, g)]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gi) for gi in g]))
+        used = [(acc, gi / loss_scale) for acc, gi in zip(grads, g) if gi is not None]  # a term may skip params
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gi) for _, gi in used]))
         factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for acc, gi in zip(grads, g):
+        for acc, gi in used:
             acc.add_(gi * factor)
         norms.append(norm)
     for p, acc in zip(params, grads):
