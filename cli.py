@@ -164,9 +164,10 @@ def train_heads(
     loss_terms: str = typer.Option("parts", help="parts: InfoNCE on the fine and on the coarse score alone, joined "
                                    "only at inference (an ensemble) | fused: on the joined score | each: on all three "
                                    "(deep supervision). --fusion weighted needs fused or each."),
-    temporal_grad: str = typer.Option("both", help="Which terms train the shared temporal encoder: both | fine (the "
-                                      "coarse term reads it through a stop-gradient; inference is unchanged) | "
-                                      "separate (the coarse term has a temporal encoder of its own)."),
+    temporal_grad: str = typer.Option("separate", help="How the fine and coarse terms use the temporal encoder: "
+                                      "separate (each its own; the default) | both (one, trained by both terms; "
+                                      "the default before) | fine (one; the coarse term reads it through a "
+                                      "stop-gradient)."),
     clip_terms: Optional[bool] = typer.Option(None, "--clip-terms/--global-clip", help="With a loss of several "
                                               "terms (--loss-terms parts or each): clip each term's gradient to "
                                               "the norm on its own, then add them | clip their sum once. Default: "

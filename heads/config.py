@@ -27,10 +27,12 @@ class HeadConfig:
     # models and joined only at inference, an ensemble; the default as the best full-head recipe measured, though
     # below fine only on the second held-out set: README "Training the full head"); "fused": InfoNCE on the
     # joined score (the default before); "each": the mean of the fused and of each term's own InfoNCE
-    temporal_grad: str = "both"  # which terms train the shared S2 temporal encoder: "both", or "fine" (the coarse
-    # term reads the temporal features through a stop-gradient; the forward pass, and so inference, is unchanged),
-    # or "separate": nothing is shared, the coarse term has a temporal encoder of its own (from CLIP's blocks too
-    # with temporal_init "clip"), so neither term's loss can pull the other's temporal features
+    temporal_grad: str = "separate"  # how the two terms use the S2 temporal encoder: "separate" (the default):
+    # nothing is shared, the coarse term has a temporal encoder of its own (from CLIP's blocks too with temporal_init
+    # "clip"), so neither term's loss can pull the other's temporal features (the recipe measured above fine only
+    # and every other part at 1,000 steps: README "Training the full head"); "both": one encoder trained by both
+    # terms (the default before; a config saved without this field ran so); "fine": one encoder, the coarse term
+    # reads it through a stop-gradient (the forward pass, and so inference, is the same as "both")
     temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
     temporal_heads: int = 8  # attention heads of the temporal encoder and of the frame-weight self-attention
     temporal_init: str = "clip"  # "clip": start from CLIP's first text blocks and positions (CLIP4Clip); "random"
@@ -83,4 +85,5 @@ class HeadConfig:
         unknown = set(d) - known
         if unknown:  # a typo or a config from another version must not be silently dropped
             raise ValueError(f"unknown HeadConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        # a config saved before temporal_grad existed ran with one shared temporal encoder
+        return cls(**{"temporal_grad": "both", **d})

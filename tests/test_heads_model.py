@@ -134,14 +134,15 @@ def test_explain_is_per_frame_and_zero_on_padding():
     assert (rel[:, ~batch["frame_mask"]] == 0).all() and torch.isfinite(rel).all()
 
 
-# each switch, the parameter-name prefixes it must remove
+# each switch, the parameter-name prefixes it must remove from the default head (whose coarse term has a temporal
+# encoder of its own: a head with one term, or none, keeps at most one)
 ABLATIONS = {
-    "temporal": ["temporal."],
+    "temporal": ["temporal.", "temporal_coarse."],
     "video_enhance": ["local.", "frame_weights."],
     "text_enhance": ["keyword_attn."],
     "interaction": ["pool."],
-    "fine": ["local.", "frame_weights.", "keyword_attn.", "word_weights."],
-    "coarse": ["pool."],
+    "fine": ["local.", "frame_weights.", "keyword_attn.", "word_weights.", "temporal_coarse."],
+    "coarse": ["pool.", "temporal_coarse."],
 }
 
 
@@ -318,7 +319,7 @@ def test_masks_must_be_non_empty_prefixes():
 @pytest.mark.parametrize("interaction", [True, False])
 def test_temporal_grad_fine_stops_only_the_coarse_gradient_into_the_temporal_encoder(interaction):
     batch = make_batch(frames=10, full=True)
-    both = make_model(dropout=0.0, interaction=interaction)
+    both = make_model(dropout=0.0, interaction=interaction, temporal_grad="both")
     fine = make_model(dropout=0.0, interaction=interaction, temporal_grad="fine")
     both.eval(), fine.eval()
     torch.testing.assert_close(scores(both, batch), scores(fine, batch))  # same forward, same inference
@@ -396,6 +397,11 @@ def test_temporal_grad_separate_gives_the_coarse_term_a_temporal_encoder_of_its_
     batch = make_batch(frames=10, full=True)
     model = make_model(dropout=0.0, temporal_grad="separate")
     assert model.temporal_coarse is not None
+    assert HeadConfig().temporal_grad == "separate"  # the default
+    assert make_model(temporal_grad="both").temporal_coarse is None
+    # a config saved before the option existed ran with one shared encoder, and loads as one
+    old = {k: v for k, v in HeadConfig().to_dict().items() if k != "temporal_grad"}
+    assert HeadConfig.from_dict(old).temporal_grad == "both"
     assert make_model(temporal_grad="separate", fine=False).temporal_coarse is None
     text, video = encode(model, batch)
 
@@ -414,7 +420,7 @@ def test_temporal_grad_separate_gives_the_coarse_term_a_temporal_encoder_of_its_
     assert {id(p) for p in model.temporal_coarse.parameters()} <= temporal  # --temporal-lr reaches both
     with torch.no_grad():  # copied from the same initial weights, the coarse term is what a shared encoder gives
         model.temporal_coarse.load_state_dict(model.temporal.state_dict())
-    shared = make_model(dropout=0.0)
+    shared = make_model(dropout=0.0, temporal_grad="both")
     shared.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("temporal_coarse.")})
     shared.eval(), model.eval()
     torch.testing.assert_close(scores(model, batch), scores(shared, batch))
