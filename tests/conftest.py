@@ -1,6 +1,7 @@
 """Shared fixtures: real video files made with ffmpeg, a tiny random-weight CLIP."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,14 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 from pipeline.decode import ffmpeg_exe  # noqa: E402
 
 TINY_MODEL = "ViT-Tiny-16"
+
+
+def load_bench(script: str):
+    """A bench/ script imported as a module (bench/ is not a package), a fresh copy each call."""
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}", ROOT / "bench" / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def make_video(path: Path, seconds: float = 3.0, size: str = "160x120", rate: int = 30,

@@ -1,22 +1,15 @@
 """bench/ensemble.py: separately trained runs joined at inference, checked against `eval` and a naive count."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_bench, run_cli
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_ensemble", ROOT / "bench" / "ensemble.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("ensemble.py")
 
 
 @pytest.fixture(scope="module")

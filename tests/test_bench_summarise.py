@@ -1,18 +1,13 @@
 """bench/summarise_grid.py: mean +- std per row, and the seed-by-seed difference against a reference row."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_bench
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_summarise", ROOT / "bench" / "summarise_grid.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("summarise_grid.py")
 
 
 def row(name, seed, r1, steps=200):

@@ -1,21 +1,20 @@
 """bench/tables.py: the README's Benchmarks table is what bench/results/ holds, verdicts computed, not typed."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
 def tables(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "bench" / "tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("tables.py")
     results = tmp_path / "results"
     shutil.copytree(ROOT / "bench" / "results", results)
     readme = tmp_path / "README.md"
@@ -26,9 +25,7 @@ def tables(tmp_path, monkeypatch):
 
 
 def test_readme_table_matches_committed_results():
-    spec = importlib.util.spec_from_file_location("bench_tables_real", ROOT / "bench" / "tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("tables.py")
     assert mod.main(["--check"]) == 0, "run: python bench/tables.py --write"
 
 
