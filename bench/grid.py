@@ -11,7 +11,8 @@ GRID.json: {"sets": {name: {"features": DIR, "synthetic": synthetic.json or null
             "runs": [{"set": name, "row": label, "head": {HeadConfig overrides},
                       "train": {TrainConfig overrides}, "steps": N, "seed": S, "max_words": 32,
                       "run": {RunConfig fields, e.g. "unfreeze_blocks": 1 on features extracted with
-                              --cache-blocks}}, ...]}
+                              --cache-blocks},
+                      "eval_val": true to report the val split's figures as well (val_t2v, val_v2t)}, ...]}
 Each run trains ceil(N / steps per epoch) epochs with train-heads' trainer (no validation split),
 then evaluates the test split (`eval`'s numbers) and the twin pair accuracy when a synthetic.json
 is given. Results come back in completion order.
@@ -64,6 +65,9 @@ def run_one(run: dict, sets: dict, runs_dir: str, device: str) -> dict:
                       loss_first=history[0]["loss"], loss_last=history[-1]["loss"])
         report = evaluate(spec["features"], out, split="test", device=device)
         record.update(t2v=report["t2v"], v2t=report["v2t"])
+        if run.get("eval_val"):  # the val split's figures too, to choose a setting (a learning rate) per row
+            val = evaluate(spec["features"], out, split="val", device=device)
+            record.update(val_t2v=val["t2v"], val_v2t=val["v2t"])
         if spec.get("synthetic"):
             twins = json.loads(Path(spec["synthetic"]).read_text())["twins"]
             record["twins"] = run_twin_accuracy(spec["features"], out, "test", twins, device)

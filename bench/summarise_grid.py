@@ -1,7 +1,8 @@
 """Mean +- std over seeds of bench/grid.py results: one line per (features set, steps, row).
 
     python bench/summarise_grid.py bench/results/issue12-*.jsonl [--against "fine only"]
-Runs that stopped (for example on a non-finite gradient) are counted apart: `n` is finished/all.
+Runs that stopped (for example on a non-finite gradient) are counted apart: `n` is finished/all. Runs made
+with "eval_val" add a column: the val split's t2v R@1 (what a setting such as the learning rate is chosen on).
 --against ROW: also each row's t2v R@1 minus ROW's, seed by seed (same set, steps and seed; the same test
 queries), as mean +- std of the differences and wins/ties/losses: a paired comparison, tighter than two
 spreads side by side when the seeds move both rows alike.
@@ -30,13 +31,16 @@ def main(paths: list[str], against: str | None = None) -> None:
             r = json.loads(line)
             amp = r.get("train", {}).get("amp", "none")
             groups[(r["set"], r["steps"], r["row"] + ("" if amp == "none" else f" [{amp}]"))].append(r)
-    print(f"{'set':11}{'steps':>6}  {'row':44}{'n':>5}  {'t2v R@1':>12}  {'v2t R@1':>12}  {'twins %':>12}")
+    val = any("val_t2v" in r for runs in groups.values() for r in runs)  # grid runs with "eval_val"
+    print(f"{'set':11}{'steps':>6}  {'row':44}{'n':>5}  {'t2v R@1':>12}  {'v2t R@1':>12}  {'twins %':>12}"
+          + (f"  {'val t2v R@1':>12}" if val else ""))
     for key in sorted(groups):
         runs = groups[key]
         done = [r for r in runs if "error" not in r]
         print(f"{key[0]:11}{key[1]:6}  {key[2]:44}{len(done):>2}/{len(runs):<2}  "
               f"{mean_std(r['t2v']['R1'] for r in done)}  {mean_std(r['v2t']['R1'] for r in done)}  "
-              f"{mean_std(r.get('twins') for r in done)}")
+              f"{mean_std(r.get('twins') for r in done)}"
+              + (f"  {mean_std(r['val_t2v']['R1'] if 'val_t2v' in r else None for r in done)}" if val else ""))
     if against:
         paired(groups, against)
 

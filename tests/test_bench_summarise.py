@@ -28,3 +28,20 @@ def test_paired_differences_match_seeds_and_count_wins(tmp_path, capsys):
     # differences +5, 0, -3 over the 3 paired seeds: mean 0.7, std 4.0; 1 win, 1 tie, 1 loss
     assert full_200.split()[3:] == ["3", "0.7", "+-", "4.0", "1/1/1"]
     assert " 1000  full" not in paired  # no reference row at 1,000 steps
+
+
+def test_val_column_appears_only_with_val_figures(tmp_path, capsys):
+    path = tmp_path / "g.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [row("full", 0, 40.0), row("full", 1, 30.0)]))
+    load().main([str(path)])
+    assert "val t2v" not in capsys.readouterr().out
+    lines = [{**row("full", 0, 40.0), "val_t2v": {"R1": 20.0}}, {**row("full", 1, 30.0), "val_t2v": {"R1": 30.0}},
+             row("seqtransf", 0, 10.0)]  # a run without val figures: no value, not a zero
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    load().main([str(path)])
+    out = capsys.readouterr().out
+    assert "val t2v R@1" in out
+    full = next(line for line in out.splitlines() if " full " in line)
+    assert full.split()[-3:] == ["25.0", "+-", "7.1"]  # mean and std of 20 and 30
+    seq = next(line for line in out.splitlines() if " seqtransf " in line)
+    assert seq.rstrip().endswith("-")
