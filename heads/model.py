@@ -285,7 +285,7 @@ class RetrievalHead(nn.Module):
             terms = [symmetric_infonce(coarse * scale), symmetric_infonce(fine * scale)]
             loss = (terms[0] + terms[1]) / 2
             return loss, {"loss": loss.detach(), "logit_scale": scale.detach(),
-                          "pos_score": s.diagonal().mean().detach(), "terms": terms}
+                          "pos_score": s.diagonal().mean().detach(), "terms": terms, "term_names": ("coarse", "fine")}
         loss = symmetric_infonce(s * scale)
         if self.cfg.loss_terms == "each" and both:
             # deep supervision: each term must rank on its own too, so the one that fits the training set
@@ -293,7 +293,8 @@ class RetrievalHead(nn.Module):
             terms = [loss, symmetric_infonce(coarse * scale), symmetric_infonce(fine * scale)]
             loss = (terms[0] + terms[1] + terms[2]) / 3
             return loss, {"loss": loss.detach(), "logit_scale": scale.detach(),
-                          "pos_score": s.diagonal().mean().detach(), "terms": terms}
+                          "pos_score": s.diagonal().mean().detach(), "terms": terms,
+                          "term_names": ("fused", "coarse", "fine")}
         return loss, {"loss": loss.detach(), "logit_scale": scale.detach(), "pos_score": s.diagonal().mean().detach()}
 
     @torch.no_grad()

@@ -123,7 +123,8 @@ def _plain(v):
 def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_per_epoch: int,
         cfg: TrainConfig, run_dir, validate: Optional[Callable[[RetrievalHead], dict]] = None,
         on_epoch_end: Optional[Callable[[dict], None]] = None, resume: bool = False) -> list[dict]:
-    """Train for cfg.epochs; return one dict per epoch (epoch, loss, lr, seconds, data_wait_share, validate()).
+    """Train for cfg.epochs; return one dict per epoch (epoch, loss, lr, seconds, data_wait_share, loss_<term> for
+    each term of a loss made of terms, validate()).
 
     model: a RetrievalHead, or a module that wraps one as heads/tuned.py's TunedHead does (forward(batch) ->
     (loss, logs), .cfg, clamp_logit_scale_(), and optionally checkpoint_info(): more entries for checkpoints).
@@ -166,6 +167,7 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         started, waited, loss_sum, n_steps = time.perf_counter(), 0.0, torch.zeros((), device=device), 0
+        term_sums: dict[str, torch.Tensor] = {}  # each loss term's sum over the epoch (a full head's parts)
         batches = iter(itertools.islice(train_batches(epoch), steps_per_epoch))
         while True:
             t0 = time.perf_counter()
@@ -182,6 +184,8 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
                 raise NonFiniteLoss(_non_finite_message("loss", loss.item(), epoch, step, run_dir, saved_epochs))
             optimizer.zero_grad(set_to_none=True)
             terms = logs.pop("terms", None)  # the loss's terms, still in the graph (a full head's "parts" / "each")
+            for name, term in zip(logs.pop("term_names", ()), terms or ()):
+                term_sums[name] = term_sums.get(name, 0) + term.detach()
             if cfg.clip_terms and terms:
                 norm = _clipped_term_grads(terms, params, cfg.grad_clip,
                                            scaler.get_scale() if scaler.is_enabled() else 1.0)
@@ -207,6 +211,8 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
 
         record = {"epoch": epoch, "loss": (loss_sum / max(1, n_steps)).item(), "lr": scheduler.get_last_lr()[0],
                   "seconds": seconds, "data_wait_share": waited / seconds if seconds > 0 else 0.0}
+        # which term lags: each term's own InfoNCE, mean over the epoch ("loss" is their mean)
+        record.update({f"loss_{name}": (v / max(1, n_steps)).item() for name, v in term_sums.items()})
         if validate is not None:
             record.update({k: _plain(v) for k, v in validate(model).items()})
         history.append(record)

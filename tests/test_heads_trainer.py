@@ -162,3 +162,21 @@ def test_clip_terms_without_clipping_is_the_plain_gradient(tmp_path):
     a, b = weights
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_history_keeps_each_terms_loss_and_the_curves_draw_them(tmp_path):
+    """A full head's parts: each term's own InfoNCE per epoch (which one lags), and "loss" is their mean."""
+    from workflows.train import draw_curves
+
+    data = pairs(n=12, seed=2)
+    cfg = TrainConfig(epochs=2, lr=1e-3, seed=1, log_every=1000)
+    history = fit(make_model(seed=3, loss_terms="parts"), shuffled_batches(data, 6), 2, cfg, tmp_path / "parts")
+    for record in history:
+        assert record["loss_coarse"] > 0 and record["loss_fine"] > 0
+        assert record["loss"] == pytest.approx((record["loss_coarse"] + record["loss_fine"]) / 2, rel=1e-5)
+    each = fit(make_model(seed=3, loss_terms="each"), shuffled_batches(data, 6), 1, cfg, tmp_path / "each")
+    assert {"loss_fused", "loss_coarse", "loss_fine"} <= set(each[0])
+    one = fit(make_model(seed=3, coarse=False), shuffled_batches(data, 6), 1, cfg, tmp_path / "one")
+    assert not [k for k in one[0] if k.startswith("loss_")]  # one term: "loss" is all there is
+    draw_curves(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0

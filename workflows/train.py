@@ -89,12 +89,17 @@ def build_head(cfg: HeadConfig, store: FeatureStore) -> RetrievalHead:
 
 
 def draw_curves(history: list[dict], path: Path) -> None:
-    """Loss and R@1 against epoch, side by side."""
+    """Loss (and each loss term of a full head's parts) and R@1 against epoch, side by side."""
     plt = pyplot()
 
     epochs = [r["epoch"] + 1 for r in history]
     fig, (ax_loss, ax_r1) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [r["loss"] for r in history], marker="o")
+    ax_loss.plot(epochs, [r["loss"] for r in history], marker="o", label="loss")
+    for key in sorted({k for r in history for k in r if k.startswith("loss_")}):  # a full head's terms
+        ax_loss.plot([r["epoch"] + 1 for r in history if key in r], [r[key] for r in history if key in r],
+                     marker=".", linestyle="--", label=key[len("loss_"):] + " term")
+    if len(ax_loss.lines) > 1:
+        ax_loss.legend()
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
     for key, label in (("t2v_R1", "text-to-video"), ("v2t_R1", "video-to-text")):
         if any(key in r for r in history):
