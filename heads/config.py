@@ -33,6 +33,10 @@ class HeadConfig:
     # and every other part at 1,000 steps: README "Training the full head"); "both": one encoder trained by both
     # terms (the default before; a config saved without this field ran so); "fine": one encoder, the coarse term
     # reads it through a stop-gradient (the forward pass, and so inference, is the same as "both")
+    pool_init: str = "identity"  # S4's attention at the start: "identity" (X-Pool's: identity query and key
+    # projections, so the attention starts as CLIP's own text-frame similarity: meaningful with CLIP's weights,
+    # noise with random ones); "uniform" (zero query projection: the attention starts uniform over the frames, so
+    # S4 starts as mean pooling and learns where to look)
     temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
     temporal_heads: int = 8  # attention heads of the temporal encoder and of the frame-weight self-attention
     temporal_init: str = "clip"  # "clip": start from CLIP's first text blocks and positions (CLIP4Clip); "random"
@@ -62,6 +66,8 @@ class HeadConfig:
                              "with it (--loss-terms fused), or fusion 'sum'")
         if self.temporal_grad not in ("both", "fine", "separate"):
             raise ValueError(f"temporal_grad must be 'both', 'fine' or 'separate', not {self.temporal_grad!r}")
+        if self.pool_init not in ("identity", "uniform"):
+            raise ValueError(f"pool_init must be 'identity' or 'uniform', not {self.pool_init!r}")
         if self.temporal_init not in ("clip", "random"):
             raise ValueError(f"temporal_init must be 'clip' or 'random', not {self.temporal_init!r}")
         if self.temporal_activation not in ("gelu", "quick_gelu"):

@@ -176,10 +176,12 @@ class TextConditionedPool(nn.Module):
     With aligned=True text i is pooled over video i only, giving (N, D).
     """
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, init: str = "identity"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        if init not in ("identity", "uniform"):
+            raise ValueError(f"init must be 'identity' or 'uniform', not {init!r}")
         self.heads = heads
         self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
         self.ln1 = nn.LayerNorm(dim)
@@ -191,6 +193,8 @@ class TextConditionedPool(nn.Module):
         for layer in (self.q, self.k, self.v, self.out, self.linear):
             nn.init.eye_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if init == "uniform":  # a zero query: every frame gets the same weight, so v starts as the frames' mean
+            nn.init.zeros_(self.q.weight)
 
     def _split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1))  # (..., D) -> (..., H, D/H)

@@ -100,7 +100,7 @@ class RetrievalHead(nn.Module):
                              if cfg.fine and cfg.text_enhance else None)
         # DRL's learned word-importance score; no bias: a softmax ignores a shared shift
         self.word_weights = nn.Linear(dim, 1, bias=False) if cfg.fine else None
-        self.pool = (TextConditionedPool(dim, cfg.cross_heads, cfg.dropout)
+        self.pool = (TextConditionedPool(dim, cfg.cross_heads, cfg.dropout, cfg.pool_init)
                      if cfg.coarse and cfg.interaction else None)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         # logits of the (coarse, fine) weights with fusion "weighted"; equal logits = the mean of the two

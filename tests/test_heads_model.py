@@ -424,3 +424,31 @@ def test_temporal_grad_separate_gives_the_coarse_term_a_temporal_encoder_of_its_
     shared.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("temporal_coarse.")})
     shared.eval(), model.eval()
     torch.testing.assert_close(scores(model, batch), scores(shared, batch))
+
+
+def test_pool_init_uniform_starts_s4_as_mean_pooling_and_then_learns_the_query():
+    """pool_init "uniform": a zero query, so S4's attention is uniform over each video's real frames and its pooled
+    vector is LN2(z + Linear(z)) of the frames' mean; the query still gets a gradient. "identity" (X-Pool's) does
+    not start uniform on these random features."""
+    from heads.layers import TextConditionedPool
+
+    torch.manual_seed(0)
+    batch = make_batch(seed=4)
+    mask = batch["frame_mask"]
+    t, f = torch.randn(5, 16), torch.randn(len(mask), mask.shape[1], 16)
+    uniform = TextConditionedPool(16, 2, 0.0, "uniform")
+    attn = uniform.attention(t, uniform.video_side(f)[0], mask)  # (Nt, Nv, H, F)
+    expected = (mask / mask.sum(1, keepdim=True))[None, :, None, :].expand_as(attn)
+    torch.testing.assert_close(attn, expected)
+    mean = (f * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (Nv, D)
+    z = uniform.ln1(mean)
+    torch.testing.assert_close(uniform(t, f, mask), uniform.ln2(z + uniform.linear(z)).expand(5, -1, -1))
+    uniform(t, f, mask).square().sum().backward()
+    assert uniform.q.weight.grad.abs().sum() > 0
+    identity = TextConditionedPool(16, 2, 0.0)
+    assert not torch.allclose(identity.attention(t, identity.video_side(f)[0], mask), expected)
+    with pytest.raises(ValueError, match="pool_init"):
+        HeadConfig(pool_init="zeros")
+    head = make_model(pool_init="uniform")
+    assert head.pool.q.weight.abs().sum() == 0
+    assert HeadConfig.from_dict({k: v for k, v in HeadConfig().to_dict().items() if k != "pool_init"}).pool_init == "identity"
