@@ -168,6 +168,8 @@ def train_heads(
                                       "separate (each its own; the default) | both (one, trained by both terms; "
                                       "the default before) | fine (one; the coarse term reads it through a "
                                       "stop-gradient)."),
+    temperature: str = typer.Option("shared", help="With --loss-terms parts: shared (one learnt tau for both "
+                                    "terms) | per-term (each term's InfoNCE its own tau)."),
     pool_init: str = typer.Option("identity", help="S4's attention at the start: identity (X-Pool's: CLIP's own "
                                   "text-frame similarity) | uniform (a zero query: S4 starts as mean pooling)."),
     clip_terms: Optional[bool] = typer.Option(None, "--clip-terms/--global-clip", help="With a loss of several "
@@ -214,7 +216,8 @@ def train_heads(
                           fine=not coarse_only, coarse=not fine_only, max_frames=max_frames,
                           temporal_layers=temporal_layers, temporal_init=temporal_init, dropout=dropout,
                           unfreeze_proj=unfreeze_proj, fusion=fusion, loss_terms=loss_terms,
-                          temporal_grad=temporal_grad, pool_init=pool_init)
+                          temporal_grad=temporal_grad, pool_init=pool_init,
+                          temperature=temperature)
         cfg = RunConfig(features=str(features.resolve()), head=head,
                         train=TrainConfig(epochs=epochs or 0, lr=lr, temporal_lr=temporal_lr,
                                           weight_decay=weight_decay, warmup=warmup, clip_lr=clip_lr,

@@ -33,6 +33,9 @@ class HeadConfig:
     # and every other part at 1,000 steps: README "Training the full head"); "both": one encoder trained by both
     # terms (the default before; a config saved without this field ran so); "fine": one encoder, the coarse term
     # reads it through a stop-gradient (the forward pass, and so inference, is the same as "both")
+    temperature: str = "shared"  # with loss_terms "parts": "shared", one learnt tau for both terms' InfoNCE, or
+    # "per-term", each term its own (then the terms share no parameter at all with temporal_grad "separate"); the
+    # joined score at inference is fine + coarse either way
     pool_init: str = "identity"  # S4's attention at the start: "identity" (X-Pool's: identity query and key
     # projections, so the attention starts as CLIP's own text-frame similarity: meaningful with CLIP's weights,
     # noise with random ones); "uniform" (zero query projection: the attention starts uniform over the frames, so
@@ -66,6 +69,11 @@ class HeadConfig:
                              "with it (--loss-terms fused), or fusion 'sum'")
         if self.temporal_grad not in ("both", "fine", "separate"):
             raise ValueError(f"temporal_grad must be 'both', 'fine' or 'separate', not {self.temporal_grad!r}")
+        if self.temperature not in ("shared", "per-term"):
+            raise ValueError(f"temperature must be 'shared' or 'per-term', not {self.temperature!r}")
+        if self.temperature == "per-term" and self.fine and self.coarse and self.loss_terms != "parts":
+            raise ValueError("temperature 'per-term' gives each term's own InfoNCE its own tau, which only loss_terms "
+                             "'parts' has; use --loss-terms parts with it")
         if self.pool_init not in ("identity", "uniform"):
             raise ValueError(f"pool_init must be 'identity' or 'uniform', not {self.pool_init!r}")
         if self.temporal_init not in ("clip", "random"):

@@ -103,6 +103,9 @@ class RetrievalHead(nn.Module):
         self.pool = (TextConditionedPool(dim, cfg.cross_heads, cfg.dropout, cfg.pool_init)
                      if cfg.coarse and cfg.interaction else None)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        # temperature "per-term": the coarse term's own tau (logit_scale is then the fine term's)
+        self.logit_scale_coarse = (nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+                                   if cfg.temperature == "per-term" and cfg.fine and cfg.coarse else None)
         # logits of the (coarse, fine) weights with fusion "weighted"; equal logits = the mean of the two
         self.fusion_logits = (nn.Parameter(torch.zeros(2)) if cfg.fusion == "weighted" and cfg.fine and cfg.coarse
                               else None)
@@ -282,9 +285,10 @@ class RetrievalHead(nn.Module):
         scale = self.logit_scale.exp()
         both = coarse is not None and fine is not None
         if self.cfg.loss_terms == "parts" and both:  # an ensemble: each term learns to rank on its own
-            terms = [symmetric_infonce(coarse * scale), symmetric_infonce(fine * scale)]
+            scale_c = self.logit_scale_coarse.exp() if self.logit_scale_coarse is not None else scale
+            terms = [symmetric_infonce(coarse * scale_c), symmetric_infonce(fine * scale)]
             loss = (terms[0] + terms[1]) / 2
-            return loss, {"loss": loss.detach(), "logit_scale": scale.detach(),
+            return loss, {"loss": loss.detach(), "logit_scale": scale.detach(), "logit_scale_coarse": scale_c.detach(),
                           "pos_score": s.diagonal().mean().detach(), "terms": terms, "term_names": ("coarse", "fine")}
         loss = symmetric_infonce(s * scale)
         if self.cfg.loss_terms == "each" and both:
@@ -301,3 +305,5 @@ class RetrievalHead(nn.Module):
     def clamp_logit_scale_(self):
         """Keep tau <= its maximum; the trainer calls this after every optimiser step."""
         self.logit_scale.clamp_(max=self.cfg.logit_scale_max)
+        if self.logit_scale_coarse is not None:
+            self.logit_scale_coarse.clamp_(max=self.cfg.logit_scale_max)

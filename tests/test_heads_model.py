@@ -452,3 +452,27 @@ def test_pool_init_uniform_starts_s4_as_mean_pooling_and_then_learns_the_query()
     head = make_model(pool_init="uniform")
     assert head.pool.q.weight.abs().sum() == 0
     assert HeadConfig.from_dict({k: v for k, v in HeadConfig().to_dict().items() if k != "pool_init"}).pool_init == "identity"
+
+
+def test_per_term_temperature_gives_each_term_its_own_tau():
+    """temperature "per-term": the coarse InfoNCE uses logit_scale_coarse, the fine one logit_scale, and each tau
+    gets gradient from its own term only; "shared" (the default) has one tau. Scores at inference do not use tau."""
+    model, batch = make_model(loss_terms="parts", temperature="per-term", dropout=0.0), make_batch()
+    assert make_model(loss_terms="parts").logit_scale_coarse is None
+    with torch.no_grad():
+        model.logit_scale_coarse.fill_(math.log(20.0))
+    loss, logs = model(batch)
+    coarse, fine = logs["terms"]
+    torch.testing.assert_close(logs["logit_scale_coarse"], torch.tensor(20.0))
+    coarse.backward(retain_graph=True)
+    assert model.logit_scale_coarse.grad.abs() > 0 and model.logit_scale.grad is None
+    model.zero_grad(set_to_none=True)
+    fine.backward()
+    assert model.logit_scale.grad.abs() > 0 and model.logit_scale_coarse.grad is None
+    with torch.no_grad():  # the clamp keeps both taus <= the maximum
+        model.logit_scale_coarse.fill_(10.0)
+    model.clamp_logit_scale_()
+    assert model.logit_scale_coarse.item() == pytest.approx(model.cfg.logit_scale_max)
+    with pytest.raises(ValueError, match="per-term"):
+        HeadConfig(temperature="per-term", loss_terms="fused")
+    HeadConfig(temperature="per-term", loss_terms="fused", coarse=False)  # one term: nothing to separate
