@@ -285,10 +285,12 @@ class RetrievalHead(nn.Module):
         scale = self.logit_scale.exp()
         both = coarse is not None and fine is not None
         if self.cfg.loss_terms == "parts" and both:  # an ensemble: each term learns to rank on its own
-            scale_c = self.logit_scale_coarse.exp() if self.logit_scale_coarse is not None else scale
+            own = self.logit_scale_coarse is not None  # temperature "per-term"
+            scale_c = self.logit_scale_coarse.exp() if own else scale
             terms = [symmetric_infonce(coarse * scale_c), symmetric_infonce(fine * scale)]
             loss = (terms[0] + terms[1]) / 2
-            return loss, {"loss": loss.detach(), "logit_scale": scale.detach(), "logit_scale_coarse": scale_c.detach(),
+            return loss, {"loss": loss.detach(), "logit_scale": scale.detach(),
+                          **({"logit_scale_coarse": scale_c.detach()} if own else {}),
                           "pos_score": s.diagonal().mean().detach(), "terms": terms, "term_names": ("coarse", "fine")}
         loss = symmetric_infonce(s * scale)
         if self.cfg.loss_terms == "each" and both:
