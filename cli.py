@@ -172,6 +172,9 @@ def train_heads(
                                     "terms) | per-term (each term's InfoNCE its own tau)."),
     pool_init: str = typer.Option("identity", help="S4's attention at the start: identity (X-Pool's: CLIP's own "
                                   "text-frame similarity) | uniform (a zero query: S4 starts as mean pooling)."),
+    pool_norm: str = typer.Option("none", help="S4's inputs: none (as they come) | input (X-Pool's LayerNorm on the "
+                                  "text feature and the frames before the attention: its logits then do not grow "
+                                  "with the features' norms; README \"Training the full head\")."),
     clip_terms: Optional[bool] = typer.Option(None, "--clip-terms/--global-clip", help="With a loss of several "
                                               "terms (--loss-terms parts or each): clip each term's gradient to "
                                               "the norm on its own, then add them | clip their sum once. Default: "
@@ -216,7 +219,7 @@ def train_heads(
                           fine=not coarse_only, coarse=not fine_only, max_frames=max_frames,
                           temporal_layers=temporal_layers, temporal_init=temporal_init, dropout=dropout,
                           unfreeze_proj=unfreeze_proj, fusion=fusion, loss_terms=loss_terms,
-                          temporal_grad=temporal_grad, pool_init=pool_init,
+                          temporal_grad=temporal_grad, pool_init=pool_init, pool_norm=pool_norm,
                           temperature=temperature)
         cfg = RunConfig(features=str(features.resolve()), head=head,
                         train=TrainConfig(epochs=epochs or 0, lr=lr, temporal_lr=temporal_lr,

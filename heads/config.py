@@ -40,6 +40,10 @@ class HeadConfig:
     # projections, so the attention starts as CLIP's own text-frame similarity: meaningful with CLIP's weights,
     # noise with random ones); "uniform" (zero query projection: the attention starts uniform over the frames, so
     # S4 starts as mean pooling and learns where to look)
+    pool_norm: str = "none"  # S4's inputs: "none" (the frames and the text feature enter the attention as they
+    # are, so its logits grow with their norms: the temporal encoder's output norm grows in training and the
+    # attention saturates onto one frame); "input" (X-Pool's layer_norm1: one LayerNorm, shared by the text
+    # feature and the frames, before the query, key and value projections); a config saved without it had "none"
     temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
     temporal_heads: int = 8  # attention heads of the temporal encoder and of the frame-weight self-attention
     temporal_init: str = "clip"  # "clip": start from CLIP's first text blocks and positions (CLIP4Clip); "random"
@@ -76,6 +80,8 @@ class HeadConfig:
                              "'parts' has; use --loss-terms parts with it")
         if self.pool_init not in ("identity", "uniform"):
             raise ValueError(f"pool_init must be 'identity' or 'uniform', not {self.pool_init!r}")
+        if self.pool_norm not in ("none", "input"):
+            raise ValueError(f"pool_norm must be 'none' or 'input', not {self.pool_norm!r}")
         if self.temporal_init not in ("clip", "random"):
             raise ValueError(f"temporal_init must be 'clip' or 'random', not {self.temporal_init!r}")
         if self.temporal_activation not in ("gelu", "quick_gelu"):
@@ -99,5 +105,6 @@ class HeadConfig:
         unknown = set(d) - known
         if unknown:  # a typo or a config from another version must not be silently dropped
             raise ValueError(f"unknown HeadConfig fields: {sorted(unknown)}")
-        # a config saved before temporal_grad existed ran with one shared temporal encoder
-        return cls(**{"temporal_grad": "both", **d})
+        # a config saved before temporal_grad existed ran with one shared temporal encoder, and one saved before
+        # pool_norm existed had no LayerNorm on S4's inputs
+        return cls(**{"temporal_grad": "both", "pool_norm": "none", **d})

@@ -176,13 +176,18 @@ class TextConditionedPool(nn.Module):
     With aligned=True text i is pooled over video i only, giving (N, D).
     """
 
-    def __init__(self, dim: int, heads: int, dropout: float, init: str = "identity"):
+    def __init__(self, dim: int, heads: int, dropout: float, init: str = "identity", norm: str = "none"):
         super().__init__()
+        if norm not in ("none", "input"):
+            raise ValueError(f"norm must be 'none' or 'input', not {norm!r}")
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         if init not in ("identity", "uniform"):
             raise ValueError(f"init must be 'identity' or 'uniform', not {init!r}")
         self.heads = heads
+        # X-Pool's layer_norm1, shared by both inputs: keeps the attention logits at the scale of the projections,
+        # whatever the norms of the features that come in (None: the inputs enter as they are)
+        self.ln0 = nn.LayerNorm(dim) if norm == "input" else None
         self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
         self.ln1 = nn.LayerNorm(dim)
         self.linear = nn.Linear(dim, dim)
@@ -204,6 +209,7 @@ class TextConditionedPool(nn.Module):
         output projection (Nv, F, H, D). The output projection is linear, so it is applied to each video's
         frames before pairing: per pair only a weighted sum over frames remains (H*F*D instead of D*D
         multiply-adds). A search index stores these once per video."""
+        f = self.ln0(f) if self.ln0 is not None else f
         keys = self._split(self.k(f))  # (Nv, F, H, d)
         values = self._split(self.v(f))  # (Nv, F, H, d)
         w_out = self.out.weight.T.unflatten(0, (self.heads, -1))  # (H, d, D)
@@ -211,6 +217,7 @@ class TextConditionedPool(nn.Module):
 
     def attention(self, t: Tensor, keys: Tensor, mask: Tensor, aligned: bool = False) -> Tensor:
         """Attention of each text over each video's frames: (Nt, Nv, H, F), or (N, H, F) if aligned."""
+        t = self.ln0(t) if self.ln0 is not None else t
         q = self._split(self.q(t))  # (Nt, H, d)
         logits = torch.einsum("nhd,nfhd->nhf" if aligned else "thd,vfhd->tvhf", q, keys) / math.sqrt(q.shape[-1])
         frame_mask = mask[:, None, :] if aligned else mask[None, :, None, :]

@@ -100,7 +100,7 @@ class RetrievalHead(nn.Module):
                              if cfg.fine and cfg.text_enhance else None)
         # DRL's learned word-importance score; no bias: a softmax ignores a shared shift
         self.word_weights = nn.Linear(dim, 1, bias=False) if cfg.fine else None
-        self.pool = (TextConditionedPool(dim, cfg.cross_heads, cfg.dropout, cfg.pool_init)
+        self.pool = (TextConditionedPool(dim, cfg.cross_heads, cfg.dropout, cfg.pool_init, cfg.pool_norm)
                      if cfg.coarse and cfg.interaction else None)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         # temperature "per-term": the coarse term's own tau (logit_scale is then the fine term's)

@@ -454,6 +454,48 @@ def test_pool_init_uniform_starts_s4_as_mean_pooling_and_then_learns_the_query()
     assert HeadConfig.from_dict({k: v for k, v in HeadConfig().to_dict().items() if k != "pool_init"}).pool_init == "identity"
 
 
+def test_pool_norm_input_keeps_s4s_attention_off_saturation_whatever_the_feature_norms():
+    """pool_norm "input" (X-Pool's layer_norm1, shared by the text feature and the frames): S4's attention and pooled
+    vector do not change when the features that come in are scaled (a temporal encoder's output norm grows in
+    training), where without it the attention saturates onto one frame; the factorised ranking path gives the same
+    scores with it; a config saved before the option existed loads without it."""
+    from heads.layers import TextConditionedPool
+
+    torch.manual_seed(0)
+    batch = make_batch(seed=4)
+    mask = batch["frame_mask"]
+    t, f = torch.randn(5, 16), torch.randn(len(mask), mask.shape[1], 16)
+    normed = TextConditionedPool(16, 2, 0.0, norm="input")
+    plain = TextConditionedPool(16, 2, 0.0)
+    with torch.no_grad():
+        for p in normed.ln0.parameters():  # moved off LayerNorm's identity start, so its parameters take part
+            p.add_(torch.randn_like(p) * 0.3)
+
+    def attn(pool, scale):
+        return pool.attention(t * scale, pool.video_side(f * scale)[0], mask)  # (Nt, Nv, H, F)
+
+    torch.testing.assert_close(attn(normed, 8.0), attn(normed, 1.0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(normed(t * 8, f * 8, mask), normed(t, f, mask), rtol=1e-4, atol=1e-4)
+    peak = [float(attn(plain, s).detach().amax(-1).mean()) for s in (1.0, 8.0)]
+    assert peak[1] > 0.9 > peak[0]  # without it: one frame takes (nearly) all of the weight
+    normed(t, f, mask).square().sum().backward()
+    assert normed.ln0.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pool_norm"):
+        HeadConfig(pool_norm="output")
+    assert HeadConfig.from_dict({k: v for k, v in HeadConfig().to_dict().items() if k != "pool_norm"}).pool_norm == "none"
+    assert make_model(pool_norm="none").pool.ln0 is None
+
+    model, batch = make_model(pool_norm="input"), make_batch(b=7)
+    with torch.no_grad():
+        for p in model.pool.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.eval()
+    with torch.no_grad():
+        text, video = encode(model, batch)
+        torch.testing.assert_close(model.score(text, model.for_ranking(video)), model.score(text, video),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_per_term_temperature_gives_each_term_its_own_tau():
     """temperature "per-term": the coarse InfoNCE uses logit_scale_coarse, the fine one logit_scale, and each tau
     gets gradient from its own term only; "shared" (the default) has one tau. Scores at inference do not use tau."""
