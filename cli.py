@@ -172,9 +172,10 @@ def train_heads(
                                     "terms) | per-term (each term's InfoNCE its own tau)."),
     pool_init: str = typer.Option("identity", help="S4's attention at the start: identity (X-Pool's: CLIP's own "
                                   "text-frame similarity) | uniform (a zero query: S4 starts as mean pooling)."),
-    pool_norm: str = typer.Option("none", help="S4's inputs: none (as they come) | input (X-Pool's LayerNorm on the "
-                                  "text feature and the frames before the attention: its logits then do not grow "
-                                  "with the features' norms; README \"Training the full head\")."),
+    pool_norm: str = typer.Option("input", help="S4's inputs: input (X-Pool's LayerNorm on the text feature and the "
+                                  "frames before the attention: its logits then do not grow with the features' "
+                                  "norms) | none (as they come; the default before). README \"Training the full "
+                                  "head\"."),
     clip_terms: Optional[bool] = typer.Option(None, "--clip-terms/--global-clip", help="With a loss of several "
                                               "terms (--loss-terms parts or each): clip each term's gradient to "
                                               "the norm on its own, then add them | clip their sum once. Default: "

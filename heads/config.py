@@ -40,10 +40,10 @@ class HeadConfig:
     # projections, so the attention starts as CLIP's own text-frame similarity: meaningful with CLIP's weights,
     # noise with random ones); "uniform" (zero query projection: the attention starts uniform over the frames, so
     # S4 starts as mean pooling and learns where to look)
-    pool_norm: str = "none"  # S4's inputs: "none" (the frames and the text feature enter the attention as they
-    # are, so its logits grow with their norms: the temporal encoder's output norm grows in training and the
-    # attention saturates onto one frame); "input" (X-Pool's layer_norm1: one LayerNorm, shared by the text
-    # feature and the frames, before the query, key and value projections); a config saved without it had "none"
+    pool_norm: str = "input"  # S4's inputs: "input" (X-Pool's layer_norm1: one LayerNorm, shared by the text
+    # feature and the frames, before the query, key and value projections); "none" (they enter the attention as
+    # they are, so its logits grow with their norms: the temporal encoder's output norm grows in training and the
+    # attention saturates onto one frame; the default before); a config saved without it had "none"
     temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
     temporal_heads: int = 8  # attention heads of the temporal encoder and of the frame-weight self-attention
     temporal_init: str = "clip"  # "clip": start from CLIP's first text blocks and positions (CLIP4Clip); "random"

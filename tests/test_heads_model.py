@@ -483,7 +483,7 @@ def test_pool_norm_input_keeps_s4s_attention_off_saturation_whatever_the_feature
     with pytest.raises(ValueError, match="pool_norm"):
         HeadConfig(pool_norm="output")
     assert HeadConfig.from_dict({k: v for k, v in HeadConfig().to_dict().items() if k != "pool_norm"}).pool_norm == "none"
-    assert make_model(pool_norm="none").pool.ln0 is None
+    assert make_model(pool_norm="none").pool.ln0 is None and make_model().pool.ln0 is not None  # input: the default
 
     model, batch = make_model(pool_norm="input"), make_batch(b=7)
     with torch.no_grad():
