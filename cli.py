@@ -176,6 +176,10 @@ def train_heads(
                                   "frames before the attention: its logits then do not grow with the features' "
                                   "norms) | none (as they come; the default before). README \"Training the full "
                                   "head\"."),
+    frame_weights: str = typer.Option("patent", help="S2's adaptive frame weights: patent (sigmoid(FC2(SelfAttn("
+                                      "FC1(h)))) as written) | residual (FC2(x + SelfAttn(x)), x = FC1(h): the "
+                                      "untrained self-attention gives every frame the same output, so the patent's "
+                                      "weights start uniform). README \"Training the full head\"."),
     clip_terms: Optional[bool] = typer.Option(None, "--clip-terms/--global-clip", help="With a loss of several "
                                               "terms (--loss-terms parts or each): clip each term's gradient to "
                                               "the norm on its own, then add them | clip their sum once. Default: "
@@ -221,7 +225,7 @@ def train_heads(
                           temporal_layers=temporal_layers, temporal_init=temporal_init, dropout=dropout,
                           unfreeze_proj=unfreeze_proj, fusion=fusion, loss_terms=loss_terms,
                           temporal_grad=temporal_grad, pool_init=pool_init, pool_norm=pool_norm,
-                          temperature=temperature)
+                          temperature=temperature, frame_weights=frame_weights)
         cfg = RunConfig(features=str(features.resolve()), head=head,
                         train=TrainConfig(epochs=epochs or 0, lr=lr, temporal_lr=temporal_lr,
                                           weight_decay=weight_decay, warmup=warmup, clip_lr=clip_lr,

@@ -125,16 +125,21 @@ class FrameWeights(nn.Module):
     underflows (a training run saw x ~ -88 on all frames of a video, then NaN).
     """
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, residual: bool = False):
+        """residual: x + SelfAttn(x) instead of SelfAttn(x). As the patent writes it, an untrained
+        self-attention is close to uniform, so it hands every frame of a video nearly the same vector and
+        fc2 the same logit: the weights start uniform with a near-zero gradient to tell frames apart
+        (measured: within-video logit std 0.000 at init). The residual keeps each frame's own feature."""
         super().__init__()
+        self.residual = residual
         self.fc1 = nn.Linear(dim, dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.fc2 = nn.Linear(dim, 1)
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         x = self.fc1(h)  # (B, F, D)
-        x, _ = self.attn(x, x, x, key_padding_mask=~mask, need_weights=False)  # (B, F, D)
-        return self.fc2(x).squeeze(-1)  # (B, F) logits; padding is masked by the caller
+        y, _ = self.attn(x, x, x, key_padding_mask=~mask, need_weights=False)  # (B, F, D)
+        return self.fc2(x + y if self.residual else y).squeeze(-1)  # (B, F) logits; padding is masked by the caller
 
 
 def normalised_frame_weights(logits: Tensor, mask: Tensor) -> Tensor:

@@ -238,6 +238,40 @@ def test_saturated_frame_weights_stay_finite_and_normalised():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_residual_frame_weights_tell_frames_apart_where_the_patents_cannot():
+    """An untrained self-attention is close to uniform; where it is exactly uniform, the patent's
+    sigmoid(FC2(SelfAttn(FC1(h)))) gives every frame of a video the same weight and no gradient to tell them
+    apart, while the residual form FC2(x + SelfAttn(x)) keeps each frame's own feature."""
+    from heads.layers import FrameWeights
+    torch.manual_seed(0)
+    h = torch.randn(3, 5, D)
+    mask = lengths_mask(torch.tensor([5, 3, 1]), 5)
+    for residual in (False, True):
+        torch.manual_seed(1)
+        layer = FrameWeights(D, 2, residual=residual)
+        with torch.no_grad():  # zero queries and keys: every attention row is uniform over the real frames
+            layer.attn.in_proj_weight[:2 * D].zero_()
+            layer.attn.in_proj_bias[:2 * D].zero_()
+        x = layer(h, mask)
+        fc1 = layer.fc1(h)
+        v = F.linear(fc1, layer.attn.in_proj_weight[2 * D:], layer.attn.in_proj_bias[2 * D:])
+        mean_v = torch.stack([v[i, mask[i]].mean(0) for i in range(3)])  # (3, D)
+        y = layer.attn.out_proj(mean_v).unsqueeze(1).expand(-1, 5, -1)  # the same for every frame
+        naive = layer.fc2(fc1 + y if residual else y).squeeze(-1)  # a second implementation of the layer
+        torch.testing.assert_close(x[mask], naive[mask], atol=1e-5, rtol=1e-5)
+        spread = x[0].std()  # the 5-frame video
+        if residual:
+            assert spread > 1e-3
+        else:
+            assert spread < 1e-5
+            beta_grad = torch.autograd.grad(
+                (torch.arange(5.0) * torch.softmax(F.logsigmoid(x[0]), 0)).sum(), layer.fc2.weight)[0]
+            assert beta_grad.abs().max() < 1e-6  # no gradient can move the weights apart
+    assert HeadConfig.from_dict({}).frame_weights == "patent"  # a config saved before the option ran so
+    with pytest.raises(ValueError, match="frame_weights"):
+        HeadConfig(frame_weights="attn")
+
+
 @pytest.mark.parametrize("fusion", ["sum", "mean", "weighted"])
 def test_fusion_joins_fine_and_coarse(fusion):
     model, batch = make_model(fusion=fusion, loss_terms="fused"), make_batch()
