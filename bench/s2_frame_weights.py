@@ -46,13 +46,15 @@ def distractor_items(store: FeatureStore, synthetic: dict, split: str):
 
 @torch.no_grad()
 def weight_shares(model, store: FeatureStore, items, frames: int):
-    """(beta's share on distractor frames, their share of the frames, within-clip std of the logits) per clip."""
+    """(beta's share on distractor frames, their share of the frames, within-clip std of the logits, mean
+    sigmoid of the logits: near 1 is saturated, where beta is uniform whatever the logits; near 0, beta is a
+    softmax of the logits) per clip."""
     model.eval()
     f, m = store.frames([vi for vi, _ in items], frames)
     t = _tensors({"frames": f, "frame_mask": m}, False)
     video = model.encode_video(*(t[k] for k in VIDEO_KEYS))
     logits = model.frame_weights(video.h, video.mask)
-    shares, uniform, spread = [], [], []
+    shares, uniform, spread, level = [], [], [], []
     for row, (vi, on) in enumerate(items):
         picks = store._picks(frames)[vi]
         picks = picks[picks >= 0]
@@ -61,7 +63,8 @@ def weight_shares(model, store: FeatureStore, items, frames: int):
         shares.append(float(video.beta[row, :n][sel].sum()))
         uniform.append(float(sel.float().mean()))
         spread.append(float(logits[row, :n].std()) if n > 1 else 0.0)
-    return shares, uniform, spread
+        level.append(float(torch.sigmoid(logits[row, :n]).mean()))
+    return shares, uniform, spread, level
 
 
 def main() -> None:
@@ -76,16 +79,16 @@ def main() -> None:
     items = distractor_items(store, json.loads(Path(a.synthetic).read_text()), a.split)
     print(f"{a.split}: {len(items)} clips with distractor seconds")
     print("run | weight on distractor frames | their share of the frames | clips below that share | "
-          "within-clip logit std")
+          "within-clip logit std | mean sigmoid (near 1: saturated, beta uniform; near 0: beta = softmax(logits))")
     for run in sorted(glob.glob(a.runs)):
         model, cfg, _ = load_run(Path(run), store)
         if model.frame_weights is None:
             print(f"{Path(run).name}: no frame weights (skipped)")
             continue
-        shares, uniform, spread = weight_shares(model, store, items, cfg.head.max_frames)
+        shares, uniform, spread, level = weight_shares(model, store, items, cfg.head.max_frames)
         below = sum(s < u - 1e-6 for s, u in zip(shares, uniform)) / len(shares) * 100
         print(f"{Path(run).name} | {statistics.mean(shares):.3f} | {statistics.mean(uniform):.3f} | {below:.0f} % | "
-              f"{statistics.mean(spread):.3f}", flush=True)
+              f"{statistics.mean(spread):.3f} | {statistics.mean(level):.4f}", flush=True)
     store.close()
 
 
