@@ -54,10 +54,10 @@ def weight_shares(model, store: FeatureStore, items, frames: int):
     t = _tensors({"frames": f, "frame_mask": m}, False)
     video = model.encode_video(*(t[k] for k in VIDEO_KEYS))
     logits = model.frame_weights(video.h, video.mask)
+    picked = store._picks(frames)  # (videos, frames) stored-frame positions, -1 for padding
     shares, uniform, spread, level = [], [], [], []
     for row, (vi, on) in enumerate(items):
-        picks = store._picks(frames)[vi]
-        picks = picks[picks >= 0]
+        picks = picked[vi][picked[vi] >= 0]
         sel = torch.tensor(on[picks])
         n = len(picks)
         shares.append(float(video.beta[row, :n][sel].sum()))
