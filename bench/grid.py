@@ -63,6 +63,11 @@ def run_one(run: dict, sets: dict, runs_dir: str, device: str) -> dict:
             history = train(cfg, out)
         record.update(train_s=round(time.time() - start, 1), epochs=epochs, steps_done=epochs * per_epoch,
                       loss_first=history[0]["loss"], loss_last=history[-1]["loss"])
+        # how hard the gradient clip bit: its pre-clip norm and share of steps clipped, per term where the
+        # terms are clipped apart (first epoch, mean over the epochs, last epoch)
+        record["clip"] = {k: {"first": round(history[0][k], 4), "mean": round(sum(h[k] for h in history) / len(history), 4),
+                              "last": round(history[-1][k], 4)}
+                          for k in history[0] if k.startswith(("grad_norm", "clipped"))}
         report = evaluate(spec["features"], out, split="test", device=device)
         record.update(t2v=report["t2v"], v2t=report["v2t"])
         if run.get("eval_val"):  # the val split's figures too, to choose a setting (a learning rate) per row

@@ -124,7 +124,8 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
         cfg: TrainConfig, run_dir, validate: Optional[Callable[[RetrievalHead], dict]] = None,
         on_epoch_end: Optional[Callable[[dict], None]] = None, resume: bool = False) -> list[dict]:
     """Train for cfg.epochs; return one dict per epoch (epoch, loss, lr, seconds, data_wait_share, loss_<term> for
-    each term of a loss made of terms, validate()).
+    each term of a loss made of terms, grad_norm and clipped (or grad_norm_<term> and clipped_<term> when each
+    term is clipped on its own), validate()).
 
     model: a RetrievalHead, or a module that wraps one as heads/tuned.py's TunedHead does (forward(batch) ->
     (loss, logs), .cfg, clamp_logit_scale_(), and optionally checkpoint_info(): more entries for checkpoints).
@@ -134,6 +135,8 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
     last.pt is written after an epoch when cfg.checkpoint_every seconds have passed since the last one, and
     after the final epoch, before on_epoch_end(record) is called; resume=True continues from it.
     data_wait_share: the fraction of the epoch's training time spent waiting for the next batch.
+    grad_norm: the mean over the epoch's steps of the gradient norm the clip compares with cfg.grad_clip (before
+    clipping); clipped: the share of steps whose norm exceeded it.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +171,10 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
         model.train()
         started, waited, loss_sum, n_steps = time.perf_counter(), 0.0, torch.zeros((), device=device), 0
         term_sums: dict[str, torch.Tensor] = {}  # each loss term's sum over the epoch (a full head's parts)
+        # the gradient norm the clip sees, per step, summed over the epoch, and how many steps it clipped: one
+        # norm ("") for one clip of the whole loss, one per term with clip_terms (device tensors: no sync)
+        norm_sums: dict[str, torch.Tensor] = {}
+        clipped_sums: dict[str, torch.Tensor] = {}
         batches = iter(itertools.islice(train_batches(epoch), steps_per_epoch))
         while True:
             t0 = time.perf_counter()
@@ -184,16 +191,24 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
                 raise NonFiniteLoss(_non_finite_message("loss", loss.item(), epoch, step, run_dir, saved_epochs))
             optimizer.zero_grad(set_to_none=True)
             terms = logs.pop("terms", None)  # the loss's terms, still in the graph (a full head's "parts" / "each")
-            for name, term in zip(logs.pop("term_names", ()), terms or ()):
+            names = logs.pop("term_names", ())
+            for name, term in zip(names, terms or ()):
                 term_sums[name] = term_sums.get(name, 0) + term.detach()
             if cfg.clip_terms and terms:
-                norm = _clipped_term_grads(terms, params, cfg.grad_clip,
-                                           scaler.get_scale() if scaler.is_enabled() else 1.0)
+                term_norms = _clipped_term_grads(terms, params, cfg.grad_clip,
+                                                 scaler.get_scale() if scaler.is_enabled() else 1.0)
                 scaler.unscale_(optimizer)  # fp16: back to true gradients, and the scaler's overflow check
+                seen = dict(zip(names or [str(i) for i in range(len(terms))], term_norms))
+                norm = term_norms.max()
             else:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                seen = {"": norm}
+            for name, n in seen.items():
+                n = n.detach()
+                norm_sums[name] = norm_sums.get(name, 0) + n
+                clipped_sums[name] = clipped_sums.get(name, 0) + (n > cfg.grad_clip).float()
             # fp16 loss scaling overflows on purpose now and then (the scaler skips that step); anything else
             # non-finite is a fault
             if not scaler.is_enabled() and not torch.isfinite(norm).item():
@@ -213,6 +228,11 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
                   "seconds": seconds, "data_wait_share": waited / seconds if seconds > 0 else 0.0}
         # which term lags: each term's own InfoNCE, mean over the epoch ("loss" is their mean)
         record.update({f"loss_{name}": (v / max(1, n_steps)).item() for name, v in term_sums.items()})
+        # how hard the clip bites: the mean pre-clip norm and the share of steps clipped ("_<term>" per term)
+        for name, v in norm_sums.items():
+            key = f"_{name}" if name else ""
+            record[f"grad_norm{key}"] = (v / max(1, n_steps)).item()
+            record[f"clipped{key}"] = (clipped_sums[name] / max(1, n_steps)).item()
         if validate is not None:
             record.update({k: _plain(v) for k, v in validate(model).items()})
         history.append(record)
@@ -241,8 +261,8 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
 
 def _clipped_term_grads(terms, params: list, max_norm: float, loss_scale: float = 1.0) -> torch.Tensor:
     """Set each parameter's .grad to the sum over the loss's terms of that term's gradient, each clipped to
-    max_norm on its own (the loss is the terms' mean, so each is weighted 1 / len(terms) first). Returns the
-    largest term's norm before clipping, for the non-finite check.
+    max_norm on its own (the loss is the terms' mean, so each is weighted 1 / len(terms) first). Returns each
+    term's norm before clipping (of its weighted gradient: the norm the clip compares with max_norm).
 
     loss_scale: fp16's loss scale; each term is backpropagated scaled, clipped unscaled, and .grad is left
     scaled again, as a plain scaled backward leaves it for GradScaler.unscale_ (an overflow stays inf/NaN)."""
@@ -259,7 +279,7 @@ def _clipped_term_grads(terms, params: list, max_norm: float, loss_scale: float 
         norms.append(norm)
     for p, acc in zip(params, grads):
         p.grad = acc * loss_scale if loss_scale != 1.0 else acc
-    return torch.stack(norms).max()
+    return torch.stack(norms)
 
 
 def _non_finite_message(what: str, value: float, epoch: int, step: int, run_dir: Path, saved_epochs: int) -> str:

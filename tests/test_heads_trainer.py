@@ -180,3 +180,33 @@ def test_history_keeps_each_terms_loss_and_the_curves_draw_them(tmp_path):
     assert not [k for k in one[0] if k.startswith("loss_")]  # one term: "loss" is all there is
     draw_curves(history, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_history_records_the_norm_the_clip_sees_and_how_often_it_clips(tmp_path):
+    """grad_norm(_<term>): the pre-clip norm, checked against a plain backward on the untrained head (one step,
+    no dropout); clipped: the share of steps above grad_clip."""
+    data = pairs(n=8, seed=4)
+    batches = shuffled_batches(data, 8)
+
+    def by_hand(overrides, split):
+        model = make_model(seed=3, dropout=0.0, **overrides)
+        loss, logs = model(next(iter(batches(0))))
+        params = [p for p in model.parameters() if p.requires_grad]
+        parts = [t / len(logs["terms"]) for t in logs["terms"]] if split else [loss]
+        return [torch.linalg.vector_norm(torch.cat([g.flatten() for g in torch.autograd.grad(
+            t, params, retain_graph=True, allow_unused=True) if g is not None])).item() for t in parts]
+
+    for overrides, split, keys in (({"loss_terms": "parts"}, True, ["grad_norm_coarse", "grad_norm_fine"]),
+                                   ({"coarse": False}, False, ["grad_norm"])):
+        expected = by_hand(overrides, split)
+        for clip, share in ((1e9, 0.0), (1e-9, 1.0)):
+            cfg = TrainConfig(epochs=1, lr=1e-3, seed=1, grad_clip=clip, log_every=1000)
+            record = fit(make_model(seed=3, dropout=0.0, **overrides), batches, 1, cfg,
+                         tmp_path / f"{split}-{clip}")[0]
+            assert [record[k] for k in keys] == pytest.approx(expected, rel=1e-4)
+            assert [record[k.replace("grad_norm", "clipped")] for k in keys] == [share] * len(keys)
+    # the returned norms are each term's, weighted as the clip sees them
+    from heads.trainer import _clipped_term_grads
+    a, b = torch.ones(4, requires_grad=True), torch.ones(3, requires_grad=True)
+    norms = _clipped_term_grads([50 * (a ** 2).sum(), 0.3 * b.sum()], [a, b], 1.0)
+    assert norms.tolist() == pytest.approx([100.0, 0.15 * 3 ** 0.5], rel=1e-5)
