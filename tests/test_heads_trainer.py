@@ -5,7 +5,7 @@ import torch
 from heads.evaluate import rank_all
 from heads.model import TEXT_KEYS
 from heads.trainer import TrainConfig, fit, load_head, param_groups, warmup_cosine
-from tests.test_heads_model import make_batch, make_model, scores, single_thread  # noqa: F401
+from tests.test_heads_model import encode, make_batch, make_model, scores, single_thread  # noqa: F401
 
 
 class Interrupted(Exception):
@@ -210,3 +210,39 @@ def test_history_records_the_norm_the_clip_sees_and_how_often_it_clips(tmp_path)
     a, b = torch.ones(4, requires_grad=True), torch.ones(3, requires_grad=True)
     norms = _clipped_term_grads([50 * (a ** 2).sum(), 0.3 * b.sum()], [a, b], 1.0)
     assert norms.tolist() == pytest.approx([100.0, 0.15 * 3 ** 0.5], rel=1e-5)
+
+
+def test_with_a_temperature_per_term_the_full_heads_coarse_term_trains_as_a_coarse_only_head(tmp_path):
+    """With temporal_grad "separate", temperature "per-term" and each term clipped on its own, nothing couples the
+    terms: started from the same weights, without dropout, the full head's coarse parameters follow a coarse-only
+    head's step for step (its term enters the loss at 1/2 and is clipped at grad_clip, so the coarse-only head
+    clips at 2 x grad_clip: the same gradient up to a constant factor, which AdamW does not see). So what still
+    differs between the two on real runs is the random draws (S4's initial weights, the dropout masks)."""
+    data = pairs(n=12, seed=5)
+    joint = make_model(seed=3, dropout=0.0, loss_terms="parts", temperature="per-term")
+    alone = make_model(seed=4, dropout=0.0, fine=False)
+    rename = {"temporal_coarse.": "temporal.", "pool.": "pool.", "proj.": "proj.", "logit_scale_coarse": "logit_scale"}
+    source = {new + k[len(old):]: k for k in joint.state_dict() for old, new in rename.items() if k.startswith(old)}
+    alone.load_state_dict({k: joint.state_dict()[v] for k, v in source.items()})  # strict: all of it, from joint
+    start = {k: v.clone() for k, v in alone.state_dict().items()}
+    for model, clip, name in ((joint, 50.0, "joint"), (alone, 100.0, "alone")):  # the clip bites on some steps
+        history = fit(model, shuffled_batches(data, 4), 3, TrainConfig(epochs=3, lr=1e-3, seed=1, grad_clip=clip,
+                                                                        log_every=1000), tmp_path / name)
+        assert 0 < history[0]["clipped_coarse" if name == "joint" else "clipped"] < 1
+    trained = joint.state_dict()
+    for k, v in alone.state_dict().items():
+        w = trained[source[k]]
+        # the keys' biases shift every logit of a query alike (no effect on the attention): their gradient is
+        # rounding noise, which Adam scales up to full steps; compare the rest
+        if k.endswith("in_proj_bias"):
+            third = len(v) // 3
+            v, w = torch.cat([v[:third], v[2 * third:]]), torch.cat([w[:third], w[2 * third:]])
+        if k != "pool.k.bias":
+            torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.equal(v, start[k]) for k, v in alone.state_dict().items())  # they trained
+    # and so the coarse term scores as the coarse-only head does
+    joint.eval(), alone.eval()
+    with torch.no_grad():
+        text, video = encode(joint, data)
+        coarse = joint._terms(text, video, aligned=False)[0]
+        torch.testing.assert_close(coarse, alone._terms(*encode(alone, data), aligned=False)[0], rtol=1e-4, atol=1e-5)
