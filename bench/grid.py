@@ -16,6 +16,14 @@ GRID.json: {"sets": {name: {"features": DIR, "synthetic": synthetic.json or null
 Each run trains ceil(N / steps per epoch) epochs with train-heads' trainer (no validation split),
 then evaluates the test split (`eval`'s numbers) and the twin pair accuracy when a synthetic.json
 is given. Results come back in completion order.
+
+Defaults move: a grid runs with today's TrainConfig and HeadConfig defaults where it names nothing. Grids
+written before 2026-12-07 ran with grad_clip 1 (each term clipped after the loss's 1/2 weight: term_clip
+"weighted"); the full head's rows are the same run under today's grad_clip 2 and term_clip "own", but a
+single-term row (fine only, coarse only, seqTransf, meanP) needs "train": {"grad_clip": 1.0} to repeat them.
+
+Stopping a grid: kill its process group (it is started with setsid: kill -- -PGID), not just the parent;
+the pool's workers outlive a killed parent and go on with the queued runs.
 """
 from __future__ import annotations
 

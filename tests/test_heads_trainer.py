@@ -134,15 +134,26 @@ def test_clip_terms_clips_each_term_on_its_own():
     from heads.trainer import _clipped_term_grads
     a, b = torch.ones(4, requires_grad=True), torch.ones(3, requires_grad=True)
     terms = lambda: [50 * (a ** 2).sum(), 0.3 * b.sum()]  # noqa: E731  # the first above the clip, the second below
-    _clipped_term_grads(terms(), [a, b], 1.0)
-    assert torch.linalg.vector_norm(a.grad).item() == pytest.approx(1.0, rel=1e-5)  # clipped to 1 on its own
+    norms = _clipped_term_grads(terms(), [a, b], 1.0)
+    assert norms.tolist() == pytest.approx([200.0, 0.3 * 3 ** 0.5], rel=1e-5)  # each term's own gradient
+    # term_clip "own": each term's own gradient clipped to 1, then weighted 1/2 as the loss (the terms' mean) does
+    assert torch.linalg.vector_norm(a.grad).item() == pytest.approx(0.5, rel=1e-5)
     torch.testing.assert_close(b.grad, torch.full((3,), 0.15))  # d(term / 2) / db, not shrunk by the first term
-    # under fp16's loss scaling the clipping sees true gradients, and .grad is left scaled for the scaler
-    plain = [a.grad.clone(), b.grad.clone()]
+    # "weighted" (the behaviour before): the weight first, then the clip, an effective clip of 2 on each term
     a.grad = b.grad = None
-    _clipped_term_grads(terms(), [a, b], 1.0, loss_scale=1024.0)
-    torch.testing.assert_close(a.grad, 1024 * plain[0])
-    torch.testing.assert_close(b.grad, 1024 * plain[1])
+    norms = _clipped_term_grads(terms(), [a, b], 1.0, own=False)
+    assert norms.tolist() == pytest.approx([100.0, 0.15 * 3 ** 0.5], rel=1e-5)
+    assert torch.linalg.vector_norm(a.grad).item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(b.grad, torch.full((3,), 0.15))
+    # under fp16's loss scaling the clipping sees true gradients, and .grad is left scaled for the scaler
+    for own in (True, False):
+        a.grad = b.grad = None
+        _clipped_term_grads(terms(), [a, b], 1.0, own=own)
+        plain = [a.grad.clone(), b.grad.clone()]
+        a.grad = b.grad = None
+        _clipped_term_grads(terms(), [a, b], 1.0, loss_scale=1024.0, own=own)
+        torch.testing.assert_close(a.grad, 1024 * plain[0])
+        torch.testing.assert_close(b.grad, 1024 * plain[1])
     # one global clip of the same loss would have shrunk the small term's gradient ~100-fold
     a.grad = b.grad = None
     (sum(terms()) / 2).backward()
@@ -182,6 +193,18 @@ def test_history_keeps_each_terms_loss_and_the_curves_draw_them(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def without_key_bias(name, a, b):
+    """(a, b) without the attention keys' biases: a key bias shifts every logit of a query alike, so it has no
+    effect and its gradient is rounding noise, which Adam scales up to full steps (runs that are the same in
+    exact arithmetic differ there)."""
+    if name.endswith("in_proj_bias"):  # nn.MultiheadAttention's (query, key, value) biases
+        third = len(a) // 3
+        return torch.cat([a[:third], a[2 * third:]]), torch.cat([b[:third], b[2 * third:]])
+    if name.endswith("pool.k.bias"):  # S4's key projection
+        return a[:0], b[:0]
+    return a, b
+
+
 def test_history_records_the_norm_the_clip_sees_and_how_often_it_clips(tmp_path):
     """grad_norm(_<term>): the pre-clip norm, checked against a plain backward on the untrained head (one step,
     no dropout); clipped: the share of steps above grad_clip."""
@@ -192,7 +215,7 @@ def test_history_records_the_norm_the_clip_sees_and_how_often_it_clips(tmp_path)
         model = make_model(seed=3, dropout=0.0, **overrides)
         loss, logs = model(next(iter(batches(0))))
         params = [p for p in model.parameters() if p.requires_grad]
-        parts = [t / len(logs["terms"]) for t in logs["terms"]] if split else [loss]
+        parts = logs["terms"] if split else [loss]  # term_clip "own": each term's own gradient
         return [torch.linalg.vector_norm(torch.cat([g.flatten() for g in torch.autograd.grad(
             t, params, retain_graph=True, allow_unused=True) if g is not None])).item() for t in parts]
 
@@ -205,19 +228,18 @@ def test_history_records_the_norm_the_clip_sees_and_how_often_it_clips(tmp_path)
                          tmp_path / f"{split}-{clip}")[0]
             assert [record[k] for k in keys] == pytest.approx(expected, rel=1e-4)
             assert [record[k.replace("grad_norm", "clipped")] for k in keys] == [share] * len(keys)
-    # the returned norms are each term's, weighted as the clip sees them
-    from heads.trainer import _clipped_term_grads
-    a, b = torch.ones(4, requires_grad=True), torch.ones(3, requires_grad=True)
-    norms = _clipped_term_grads([50 * (a ** 2).sum(), 0.3 * b.sum()], [a, b], 1.0)
-    assert norms.tolist() == pytest.approx([100.0, 0.15 * 3 ** 0.5], rel=1e-5)
 
 
-def test_with_a_temperature_per_term_the_full_heads_coarse_term_trains_as_a_coarse_only_head(tmp_path):
+@pytest.mark.parametrize("term_clip, joint_clip", [("own", 100.0), ("weighted", 50.0)])
+def test_with_a_temperature_per_term_the_full_heads_coarse_term_trains_as_a_coarse_only_head(tmp_path, term_clip,
+                                                                                             joint_clip):
     """With temporal_grad "separate", temperature "per-term" and each term clipped on its own, nothing couples the
     terms: started from the same weights, without dropout, the full head's coarse parameters follow a coarse-only
-    head's step for step (its term enters the loss at 1/2 and is clipped at grad_clip, so the coarse-only head
-    clips at 2 x grad_clip: the same gradient up to a constant factor, which AdamW does not see). So what still
-    differs between the two on real runs is the random draws (S4's initial weights, the dropout masks)."""
+    head's step for step. With term_clip "own" the coarse-only head has the same grad_clip; with "weighted" (the
+    behaviour before) the full head needs half of it: the term enters the loss at 1/2 and is clipped after that
+    weight. (The gradients
+    then differ by the constant 1/2, which AdamW does not see.) So what differs between the two on real runs is
+    the random draws (S4's initial weights, the dropout masks) and, before term_clip "own", the clip."""
     data = pairs(n=12, seed=5)
     joint = make_model(seed=3, dropout=0.0, loss_terms="parts", temperature="per-term")
     alone = make_model(seed=4, dropout=0.0, fine=False)
@@ -225,20 +247,15 @@ def test_with_a_temperature_per_term_the_full_heads_coarse_term_trains_as_a_coar
     source = {new + k[len(old):]: k for k in joint.state_dict() for old, new in rename.items() if k.startswith(old)}
     alone.load_state_dict({k: joint.state_dict()[v] for k, v in source.items()})  # strict: all of it, from joint
     start = {k: v.clone() for k, v in alone.state_dict().items()}
-    for model, clip, name in ((joint, 50.0, "joint"), (alone, 100.0, "alone")):  # the clip bites on some steps
-        history = fit(model, shuffled_batches(data, 4), 3, TrainConfig(epochs=3, lr=1e-3, seed=1, grad_clip=clip,
-                                                                        log_every=1000), tmp_path / name)
-        assert 0 < history[0]["clipped_coarse" if name == "joint" else "clipped"] < 1
+    # the coarse term's own gradient norm is ~90-110 on these steps: the clip bites on some of them
+    for model, cfg in ((joint, TrainConfig(epochs=3, lr=1e-3, seed=1, grad_clip=joint_clip, term_clip=term_clip,
+                                           log_every=1000)),
+                       (alone, TrainConfig(epochs=3, lr=1e-3, seed=1, grad_clip=100.0, log_every=1000))):
+        history = fit(model, shuffled_batches(data, 4), 3, cfg, tmp_path / str(model is joint))
+        assert 0 < history[0]["clipped_coarse" if model is joint else "clipped"] < 1
     trained = joint.state_dict()
     for k, v in alone.state_dict().items():
-        w = trained[source[k]]
-        # the keys' biases shift every logit of a query alike (no effect on the attention): their gradient is
-        # rounding noise, which Adam scales up to full steps; compare the rest
-        if k.endswith("in_proj_bias"):
-            third = len(v) // 3
-            v, w = torch.cat([v[:third], v[2 * third:]]), torch.cat([w[:third], w[2 * third:]])
-        if k != "pool.k.bias":
-            torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(*without_key_bias(k, v, trained[source[k]]), rtol=1e-4, atol=1e-5, msg=k)
     assert any(not torch.equal(v, start[k]) for k, v in alone.state_dict().items())  # they trained
     # and so the coarse term scores as the coarse-only head does
     joint.eval(), alone.eval()
@@ -246,3 +263,18 @@ def test_with_a_temperature_per_term_the_full_heads_coarse_term_trains_as_a_coar
         text, video = encode(joint, data)
         coarse = joint._terms(text, video, aligned=False)[0]
         torch.testing.assert_close(coarse, alone._terms(*encode(alone, data), aligned=False)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_term_clip_own_at_twice_the_norm_is_the_weighted_clip_of_before(tmp_path):
+    """A full head's run under the behaviour before (term_clip "weighted", grad_clip c) is the same run as term_clip
+    "own" with 2c: the figures measured before term_clip existed stand for the second."""
+    data = pairs(n=12, seed=6)
+    weights = []
+    for term_clip, clip in (("weighted", 30.0), ("own", 60.0)):
+        model = make_model(seed=3, loss_terms="parts")
+        cfg = TrainConfig(epochs=2, lr=1e-3, seed=1, grad_clip=clip, term_clip=term_clip, log_every=1000)
+        history = fit(model, shuffled_batches(data, 4), 3, cfg, tmp_path / term_clip)
+        assert 0 < history[0]["clipped_fine"] < 1 or 0 < history[0]["clipped_coarse"] < 1
+        weights.append(model.state_dict())
+    for k in weights[0]:
+        torch.testing.assert_close(*without_key_bias(k, weights[0][k], weights[1][k]), rtol=1e-4, atol=1e-6, msg=k)

@@ -79,6 +79,20 @@ def test_training_recipe_options_reach_the_saved_run(synthetic_features, tmp_pat
     assert RunConfig.from_dict(saved).train.clip_terms is False
     res = run_cli(*train_args(synthetic_features, tmp_path / "bad", "--epochs", "1", "--temporal-grad", "coarse"))
     assert res.returncode != 0 and "temporal_grad" in res.stderr
+    # the clip: its norm and which gradient of a term meets it; a config saved before term_clip existed clipped
+    # each term after the loss's weight, and reads back so
+    res = run_cli(*train_args(synthetic_features, tmp_path / "clip", "--epochs", "1", "--grad-clip", "3",
+                              "--term-clip", "weighted"))
+    assert res.returncode == 0, res.stderr
+    saved = json.loads((tmp_path / "clip" / "config.json").read_text())["run"]
+    assert (saved["train"]["grad_clip"], saved["train"]["term_clip"], saved["train"]["clip_terms"]) == (3.0, "weighted", True)
+    saved["train"].pop("term_clip")
+    assert RunConfig.from_dict(saved).train.term_clip == "weighted"
+    history = [json.loads(line) for line in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert {"grad_norm_coarse", "grad_norm_fine", "clipped_coarse", "clipped_fine"} <= set(history[-1])
+    for bad, said in ((("--term-clip", "raw"), "term_clip"), (("--grad-clip", "0"), "grad_clip")):
+        res = run_cli(*train_args(synthetic_features, tmp_path / "bad", "--epochs", "1", *bad))
+        assert res.returncode != 0 and said in res.stderr, res.stderr
 
 
 def test_zero_shot_eval_without_a_run(synthetic_features):

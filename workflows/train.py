@@ -54,8 +54,11 @@ class RunConfig:
             d.update(unfreeze_blocks=self.unfreeze_blocks, checkpoint_activations=self.checkpoint_activations)
         else:  # a head-only run's config stays what it was before CLIP's blocks could train (ablate compares them)
             d["train"].pop("clip_lr")
-        if not self.head.terms_apart():  # one loss, one clip: the option does nothing, so it is not recorded
+        if not self.head.terms_apart():  # one loss, one clip: the options do nothing, so they are not recorded
             d["train"].pop("clip_terms")
+            d["train"].pop("term_clip")
+        elif not self.train.clip_terms:
+            d["train"].pop("term_clip")
         return d
 
     @classmethod
@@ -63,8 +66,9 @@ class RunConfig:
         d = dict(d)
         d["head"] = HeadConfig.from_dict(d["head"])
         # a config without clip_terms was written before the option existed, or by a head it does nothing for:
-        # those runs clipped the sum of their loss's terms
-        d["train"] = TrainConfig(**{"clip_terms": False, **d["train"]})
+        # those runs clipped the sum of their loss's terms; one with clip_terms but no term_clip clipped each term
+        # after the loss's 1 / n weight
+        d["train"] = TrainConfig(**{"clip_terms": False, "term_clip": "weighted", **d["train"]})
         return cls(**d)
 
 
