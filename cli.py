@@ -187,9 +187,10 @@ def train_heads(
     grad_clip: Optional[float] = typer.Option(None, help="Largest gradient norm a step may take (each term's own "
                                               "with --clip-terms). Default: TrainConfig's (README, \"Training the "
                                               "full head\")."),
-    term_clip: str = typer.Option("own", help="With --clip-terms: own (each term's own gradient meets --grad-clip, "
-                                  "as the same part trained alone would) | weighted (after the loss's 1/2 weight: "
-                                  "an effective clip of twice --grad-clip; the behaviour before)."),
+    term_clip: Optional[str] = typer.Option(None, help="With --clip-terms: own (each term's own gradient meets "
+                                            "--grad-clip, as the same part trained alone would) | weighted (after "
+                                            "the loss's 1/2 weight: an effective clip of twice --grad-clip; the "
+                                            "behaviour before). Default: TrainConfig's (own)."),
     checkpoint_every: float = typer.Option(30.0, min=0.0, help="Seconds between last.pt checkpoints (always after "
                                            "the last epoch); 0: after every epoch."),
     seed: int = typer.Option(0),
@@ -236,9 +237,8 @@ def train_heads(
                         train=TrainConfig(epochs=epochs or 0, lr=lr, temporal_lr=temporal_lr,
                                           weight_decay=weight_decay, warmup=warmup, clip_lr=clip_lr,
                                           seed=seed, device=dev, amp=amp, checkpoint_every=checkpoint_every,
-                                          term_clip=term_clip,
-                                          **({} if clip_terms is None else {"clip_terms": clip_terms}),
-                                          **({} if grad_clip is None else {"grad_clip": grad_clip})),
+                                          **{k: v for k, v in (("clip_terms", clip_terms), ("grad_clip", grad_clip),
+                                                               ("term_clip", term_clip)) if v is not None}),
                         batch_size=batch_size, max_words=max_words, val_split=val_split,
                         unfreeze_blocks=unfreeze_blocks, checkpoint_activations=checkpoint_activations)
         train(cfg, out, resume=resume, min_steps=min_steps)

@@ -54,10 +54,9 @@ class RunConfig:
             d.update(unfreeze_blocks=self.unfreeze_blocks, checkpoint_activations=self.checkpoint_activations)
         else:  # a head-only run's config stays what it was before CLIP's blocks could train (ablate compares them)
             d["train"].pop("clip_lr")
-        if not self.head.terms_apart():  # one loss, one clip: the options do nothing, so they are not recorded
+        if not self.head.terms_apart():  # one loss, one clip: the option does nothing, so it is not recorded
             d["train"].pop("clip_terms")
-            d["train"].pop("term_clip")
-        elif not self.train.clip_terms:
+        if not (self.head.terms_apart() and self.train.clip_terms):  # no clip per term: nor is term_clip
             d["train"].pop("term_clip")
         return d
 
