@@ -22,6 +22,9 @@ written before 2026-12-07 ran with grad_clip 1 (each term clipped after the loss
 "weighted"); the full head's rows are the same run under today's grad_clip 2 and term_clip "own", but a
 single-term row (fine only, coarse only, seqTransf, meanP) needs "train": {"grad_clip": 1.0} to repeat them.
 
+Resuming a grid: `--skip-done` skips every run whose (set, row, seed, steps) already has a row without an
+error in OUT, so a stopped grid, or one whose runs were reordered, goes on where it was.
+
 Stopping a grid: kill its process group (it is started with setsid: kill -- -PGID), not just the parent;
 the pool's workers outlive a killed parent and go on with the queued runs.
 """
@@ -93,6 +96,25 @@ def run_one(run: dict, sets: dict, runs_dir: str, device: str) -> dict:
     return record
 
 
+def run_key(run: dict) -> tuple:
+    return run["set"], run["row"], run["seed"], run["steps"]
+
+
+def pending_runs(runs: list[dict], out: Path) -> list[dict]:
+    """The runs of a grid that have no finished row (one without an error) in the results file `out`."""
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if "error" not in row:
+                    done.add(run_key(row))
+    left = [r for r in runs if run_key(r) not in done]
+    if len(left) < len(runs):
+        print(f"skipping {len(runs) - len(left)} run(s) already in {out}", flush=True)
+    return left
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("grid")
@@ -100,8 +122,12 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=8, help="runs at a time")
     p.add_argument("--device", default="cuda")
     p.add_argument("--runs-dir", default="/tmp/grid-runs")
+    p.add_argument("--skip-done", action="store_true",
+                   help="skip the runs that already have a row without an error in OUT")
     args = p.parse_args()
     grid = json.loads(Path(args.grid).read_text())
+    if args.skip_done:
+        grid["runs"] = pending_runs(grid["runs"], Path(args.out))
     import multiprocessing as mp
     start = time.time()
     with ProcessPoolExecutor(args.procs, mp_context=mp.get_context("spawn")) as pool, open(args.out, "a") as fh:
