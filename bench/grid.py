@@ -74,11 +74,7 @@ def run_one(run: dict, sets: dict, runs_dir: str, device: str) -> dict:
             history = train(cfg, out)
         record.update(train_s=round(time.time() - start, 1), epochs=epochs, steps_done=epochs * per_epoch,
                       loss_first=history[0]["loss"], loss_last=history[-1]["loss"])
-        # how hard the gradient clip bit: its pre-clip norm and share of steps clipped, per term where the
-        # terms are clipped apart (first epoch, mean over the epochs, last epoch)
-        record["clip"] = {k: {"first": round(history[0][k], 4), "mean": round(sum(h[k] for h in history) / len(history), 4),
-                              "last": round(history[-1][k], 4)}
-                          for k in history[0] if k.startswith(("grad_norm", "clipped"))}
+        record["clip"] = clip_summary(history)
         report = evaluate(spec["features"], out, split="test", device=device)
         record.update(t2v=report["t2v"], v2t=report["v2t"])
         if run.get("eval_val"):  # the val split's figures too, to choose a setting (a learning rate) per row
@@ -94,6 +90,19 @@ def run_one(run: dict, sets: dict, runs_dir: str, device: str) -> dict:
         record.update(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:])
     record["seconds"] = round(time.time() - start, 1)
     return record
+
+
+def clip_summary(history: list[dict]) -> dict:
+    """How hard the gradient clip bit over a run: its pre-clip norm (each epoch's mean, and its largest step) and
+    the share of steps clipped, per term where the terms are clipped apart, as first epoch / mean / largest / last
+    epoch; and the run's largest step split by module, with its epoch (where a gradient spike came from)."""
+    out = {k: {"first": round(history[0][k], 4), "mean": round(sum(h[k] for h in history) / len(history), 4),
+               "max": round(max(h[k] for h in history), 4), "last": round(history[-1][k], 4)}
+           for k, v in history[0].items() if k.startswith(("grad_norm", "clipped")) and isinstance(v, float)}
+    for k in (k for k in history[0] if k.startswith("grad_norm_max_by_module")):
+        worst = max(history, key=lambda h: h[k.replace("_by_module", "")])
+        out[k] = {"epoch": worst["epoch"], **{m: round(v, 3) for m, v in worst[k].items()}}
+    return out
 
 
 def run_key(run: dict) -> tuple:

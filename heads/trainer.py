@@ -149,7 +149,9 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
     after the final epoch, before on_epoch_end(record) is called; resume=True continues from it.
     data_wait_share: the fraction of the epoch's training time spent waiting for the next batch.
     grad_norm: the mean over the epoch's steps of the gradient norm the clip compares with cfg.grad_clip (before
-    clipping); clipped: the share of steps whose norm exceeded it.
+    clipping); clipped: the share of steps whose norm exceeded it; grad_norm_max: the largest of those norms in the
+    epoch (a spike the mean hides), and grad_norm_max_by_module: that step's norm split by the head's module
+    ({"temporal": ..., "pool": ...}: where the spike came from). Each with "_<term>" when terms are clipped apart.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +164,8 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)  # bf16 needs no loss scaling
     params = [p for p in model.parameters() if p.requires_grad]
+    groups, group_of = _module_groups(model, params)
+    group_of = group_of.to(device)
 
     start_epoch, step, best, history = 0, 0, -math.inf, []
     saved_epochs, last_saved = 0, time.perf_counter()  # epochs in last.pt, and when it was written
@@ -188,6 +192,8 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
         # norm ("") for one clip of the whole loss, one per term with clip_terms (device tensors: no sync)
         norm_sums: dict[str, torch.Tensor] = {}
         clipped_sums: dict[str, torch.Tensor] = {}
+        norm_max: dict[str, torch.Tensor] = {}  # the epoch's largest pre-clip norm, and that step's norm per module
+        norm_max_modules: dict[str, torch.Tensor] = {}
         batches = iter(itertools.islice(train_batches(epoch), steps_per_epoch))
         while True:
             t0 = time.perf_counter()
@@ -208,21 +214,33 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
             for name, term in zip(names, terms or ()):
                 term_sums[name] = term_sums.get(name, 0) + term.detach()
             if cfg.clip_terms and terms:
+                param_norms: list[torch.Tensor] = []
                 term_norms = _clipped_term_grads(terms, params, cfg.grad_clip,
                                                  scaler.get_scale() if scaler.is_enabled() else 1.0,
-                                                 own=cfg.term_clip == "own")
+                                                 own=cfg.term_clip == "own", param_norms_out=param_norms)
                 scaler.unscale_(optimizer)  # fp16: back to true gradients, and the scaler's overflow check
-                seen = dict(zip(names or [str(i) for i in range(len(terms))], term_norms))
+                term_keys = names or [str(i) for i in range(len(terms))]
+                seen = dict(zip(term_keys, term_norms))
+                by_param = dict(zip(term_keys, param_norms))
                 norm = term_norms.max()
             else:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                by_param = {"": _param_norms(params)}
                 norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 seen = {"": norm}
             for name, n in seen.items():
                 n = n.detach()
                 norm_sums[name] = norm_sums.get(name, 0) + n
                 clipped_sums[name] = clipped_sums.get(name, 0) + (n > cfg.grad_clip).float()
+                modules = torch.zeros(len(groups), device=device).index_add_(
+                    0, group_of, by_param[name].detach().float() ** 2).sqrt()
+                if name not in norm_max:
+                    norm_max[name], norm_max_modules[name] = n, modules
+                else:  # on the device, without a sync: keep the step with the larger norm
+                    larger = n > norm_max[name]
+                    norm_max[name] = torch.where(larger, n, norm_max[name])
+                    norm_max_modules[name] = torch.where(larger, modules, norm_max_modules[name])
             # fp16 loss scaling overflows on purpose now and then (the scaler skips that step); anything else
             # non-finite is a fault
             if not scaler.is_enabled() and not torch.isfinite(norm).item():
@@ -247,6 +265,8 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
             key = f"_{name}" if name else ""
             record[f"grad_norm{key}"] = (v / max(1, n_steps)).item()
             record[f"clipped{key}"] = (clipped_sums[name] / max(1, n_steps)).item()
+            record[f"grad_norm_max{key}"] = norm_max[name].item()
+            record[f"grad_norm_max_by_module{key}"] = dict(zip(groups, norm_max_modules[name].tolist()))
         if validate is not None:
             record.update({k: _plain(v) for k, v in validate(model).items()})
         history.append(record)
@@ -273,8 +293,23 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
     return history
 
 
+def _module_groups(model: nn.Module, params: list) -> tuple[list[str], torch.Tensor]:
+    """The head's modules that own the trainable parameters ("temporal", "pool", "logit_scale", ...; a wrapper's
+    "head." prefix dropped), and for each parameter the index of its module."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)].removeprefix("head.").split(".")[0] for p in params]
+    groups = list(dict.fromkeys(names))
+    return groups, torch.tensor([groups.index(n) for n in names], dtype=torch.long)
+
+
+def _param_norms(params: list) -> torch.Tensor:
+    """Each parameter's gradient norm (0 where it has none)."""
+    return torch.stack([torch.linalg.vector_norm(p.grad) if p.grad is not None
+                        else torch.zeros((), device=p.device) for p in params])
+
+
 def _clipped_term_grads(terms, params: list, max_norm: float, loss_scale: float = 1.0,
-                        own: bool = True) -> torch.Tensor:
+                        own: bool = True, param_norms_out: Optional[list] = None) -> torch.Tensor:
     """Set each parameter's .grad to the sum over the loss's terms of that term's gradient, each clipped to
     max_norm on its own and weighted 1 / len(terms) (the loss is the terms' mean). own: clip the gradient of the
     term itself, then weight it (a term is clipped as the same part trained alone would be); else weight, then
@@ -282,7 +317,9 @@ def _clipped_term_grads(terms, params: list, max_norm: float, loss_scale: float 
     before clipping, of the gradient the clip compares with max_norm.
 
     loss_scale: fp16's loss scale; each term is backpropagated scaled, clipped unscaled, and .grad is left
-    scaled again, as a plain scaled backward leaves it for GradScaler.unscale_ (an overflow stays inf/NaN)."""
+    scaled again, as a plain scaled backward leaves it for GradScaler.unscale_ (an overflow stays inf/NaN).
+    param_norms_out: a list to append, per term, each parameter's norm within that clipped gradient (before
+    clipping; 0 where the term does not reach the parameter)."""
     grads = [torch.zeros_like(p) for p in params]
     weight = 1.0 / len(terms)
     norms = []
@@ -290,7 +327,12 @@ def _clipped_term_grads(terms, params: list, max_norm: float, loss_scale: float 
         g = torch.autograd.grad(term * (loss_scale if own else loss_scale * weight), params,
                                 retain_graph=i + 1 < len(terms), allow_unused=True)
         used = [(acc, gi / loss_scale) for acc, gi in zip(grads, g) if gi is not None]  # a term may skip params
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gi) for _, gi in used]))
+        each = torch.stack([torch.linalg.vector_norm(gi) for _, gi in used])
+        norm = torch.linalg.vector_norm(each)
+        if param_norms_out is not None:
+            full = torch.zeros(len(params), device=each.device, dtype=each.dtype)
+            full[[i for i, gi in enumerate(g) if gi is not None]] = each
+            param_norms_out.append(full)
         factor = (max_norm / (norm + 1e-6)).clamp(max=1.0) * (weight if own else 1.0)
         for acc, gi in used:
             acc.add_(gi * factor)

@@ -1,4 +1,7 @@
 """fit(): learns a tiny synthetic set, checkpoints, resumes bit-exactly, and rebuilds heads from checkpoints."""
+import json
+import math
+
 import pytest
 import torch
 
@@ -278,3 +281,24 @@ def test_term_clip_own_at_twice_the_norm_is_the_weighted_clip_of_before(tmp_path
         weights.append(model.state_dict())
     for k in weights[0]:
         torch.testing.assert_close(*without_key_bias(k, weights[0][k], weights[1][k]), rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_history_records_the_largest_step_and_where_it_came_from(tmp_path):
+    """grad_norm_max(_<term>): the largest pre-clip norm of an epoch's steps, at least their mean; and that step's
+    norm split by module, whose parts add up (in squares) to it and name the modules each term reaches."""
+    data = pairs(n=32, seed=4)
+    batches = shuffled_batches(data, 8)
+    for overrides, keys in (({"loss_terms": "parts"}, ["_coarse", "_fine"]), ({"coarse": False}, [""])):
+        cfg = TrainConfig(epochs=2, lr=1e-3, seed=1, log_every=1000)
+        history = fit(make_model(seed=3, **overrides), batches, 4, cfg, tmp_path / str(len(keys)))
+        for record in history:
+            for key in keys:
+                largest, by_module = record[f"grad_norm_max{key}"], record[f"grad_norm_max_by_module{key}"]
+                assert largest >= record[f"grad_norm{key}"] - 1e-6
+                assert math.sqrt(sum(v ** 2 for v in by_module.values())) == pytest.approx(largest, rel=1e-4)
+                reached = {m for m, v in by_module.items() if v > 0}
+                if key == "_coarse":  # S4 and its temporal encoder, never the fine term's modules
+                    assert {"pool", "temporal_coarse"} <= reached and not reached & {"local", "keyword_attn"}
+                if key == "_fine":
+                    assert {"temporal", "local", "keyword_attn"} <= reached and "pool" not in reached
+        json.dumps(history)  # metrics.jsonl takes it as it is
