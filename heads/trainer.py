@@ -227,7 +227,8 @@ def fit(model: nn.Module, train_batches: Callable[[int], Iterable[dict]], steps_
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 by_param = {"": _param_norms(params)}
-                norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                norm = torch.linalg.vector_norm(by_param[""])  # what clip_grad_norm_ computes, not computed twice
+                nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
                 seen = {"": norm}
             for name, n in seen.items():
                 n = n.detach()
