@@ -180,6 +180,9 @@ def train_heads(
                                       "FC1(h)))) as written) | residual (FC2(x + SelfAttn(x)), x = FC1(h): the "
                                       "untrained self-attention gives every frame the same output, so the patent's "
                                       "weights start uniform). README \"Training the full head\"."),
+    frame_norm: str = typer.Option("none", help="S2's frame weights' input: none (as the patent writes it: their "
+                                   "logits grow with the temporal features and saturate) | input (a LayerNorm "
+                                   "before FC1, as --pool-norm input for S4). README \"Training the full head\"."),
     clip_terms: Optional[bool] = typer.Option(None, "--clip-terms/--global-clip", help="With a loss of several "
                                               "terms (--loss-terms parts or each): clip each term's gradient to "
                                               "the norm on its own, then add them | clip their sum once. Default: "
@@ -232,7 +235,8 @@ def train_heads(
                           temporal_layers=temporal_layers, temporal_init=temporal_init, dropout=dropout,
                           unfreeze_proj=unfreeze_proj, fusion=fusion, loss_terms=loss_terms,
                           temporal_grad=temporal_grad, pool_init=pool_init, pool_norm=pool_norm,
-                          temperature=temperature, frame_weights=frame_weights)
+                          temperature=temperature, frame_weights=frame_weights,
+                          frame_norm=frame_norm)
         cfg = RunConfig(features=str(features.resolve()), head=head,
                         train=TrainConfig(epochs=epochs or 0, lr=lr, temporal_lr=temporal_lr,
                                           weight_decay=weight_decay, warmup=warmup, clip_lr=clip_lr,

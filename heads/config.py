@@ -47,6 +47,9 @@ class HeadConfig:
     frame_weights: str = "patent"  # S2's adaptive frame weights: "patent", a_i = sigmoid(FC2(SelfAttn(FC1(h_i)))) as
     # written; "residual", sigmoid(FC2(x_i + SelfAttn(x)_i)) with x = FC1(h): the self-attention of an untrained head
     # gives every frame of a video the same output, so the patent's form starts (and, measured, stays) uniform
+    frame_norm: str = "none"  # S2's frame weights' input: "none" (h as it comes, as the patent writes it: the logits
+    # grow with the temporal features' norm and saturate, which stops their gradient) | "input" (a LayerNorm on h
+    # before FC1, as pool_norm "input" does for S4); a config saved without it had "none"
     temporal_layers: int = 4  # transformer layers of the temporal encoder (CLIP4Clip seqTransf uses 4)
     temporal_heads: int = 8  # attention heads of the temporal encoder and of the frame-weight self-attention
     temporal_init: str = "clip"  # "clip": start from CLIP's first text blocks and positions (CLIP4Clip); "random"
@@ -87,6 +90,8 @@ class HeadConfig:
             raise ValueError(f"pool_norm must be 'none' or 'input', not {self.pool_norm!r}")
         if self.frame_weights not in ("patent", "residual"):
             raise ValueError(f"frame_weights must be 'patent' or 'residual', not {self.frame_weights!r}")
+        if self.frame_norm not in ("none", "input"):
+            raise ValueError(f"frame_norm must be 'none' or 'input', not {self.frame_norm!r}")
         if self.temporal_init not in ("clip", "random"):
             raise ValueError(f"temporal_init must be 'clip' or 'random', not {self.temporal_init!r}")
         if self.temporal_activation not in ("gelu", "quick_gelu"):
@@ -112,4 +117,4 @@ class HeadConfig:
             raise ValueError(f"unknown HeadConfig fields: {sorted(unknown)}")
         # a config saved before temporal_grad existed ran with one shared temporal encoder, and one saved before
         # pool_norm existed had no LayerNorm on S4's inputs (frame_weights: named so the default can change)
-        return cls(**{"temporal_grad": "both", "pool_norm": "none", "frame_weights": "patent", **d})
+        return cls(**{"temporal_grad": "both", "pool_norm": "none", "frame_weights": "patent", "frame_norm": "none", **d})

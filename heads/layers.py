@@ -125,19 +125,22 @@ class FrameWeights(nn.Module):
     underflows (a training run saw x ~ -88 on all frames of a video, then NaN).
     """
 
-    def __init__(self, dim: int, heads: int, residual: bool = False):
+    def __init__(self, dim: int, heads: int, residual: bool = False, norm: bool = False):
         """residual: x + SelfAttn(x) instead of SelfAttn(x). As the patent writes it, an untrained
         self-attention is close to uniform, so it hands every frame of a video nearly the same vector and
         fc2 the same logit: the weights start uniform with a near-zero gradient to tell frames apart
-        (measured on the third set: within-video logit std 0.0003 at init). The residual keeps each frame's own feature."""
+        (measured on the third set: within-video logit std 0.0003 at init). The residual keeps each frame's own feature.
+        norm: a LayerNorm on h before FC1, so the logits do not grow with the temporal features' norm (which grows
+        in training: to 5-13x CLIP's at 1,000 steps, where the patent's logits reach the hundreds and saturate)."""
         super().__init__()
         self.residual = residual
+        self.norm = nn.LayerNorm(dim) if norm else None
         self.fc1 = nn.Linear(dim, dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.fc2 = nn.Linear(dim, 1)
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
-        x = self.fc1(h)  # (B, F, D)
+        x = self.fc1(self.norm(h) if self.norm is not None else h)  # (B, F, D)
         y, _ = self.attn(x, x, x, key_padding_mask=~mask, need_weights=False)  # (B, F, D)
         return self.fc2(x + y if self.residual else y).squeeze(-1)  # (B, F) logits; padding is masked by the caller
 

@@ -95,7 +95,8 @@ class RetrievalHead(nn.Module):
                 encoder.load_clip_blocks(clip_blocks)
         enhance_video = cfg.fine and cfg.video_enhance
         self.local = LocalEnhancer(dim) if enhance_video else None
-        self.frame_weights = (FrameWeights(dim, cfg.temporal_heads, cfg.frame_weights == "residual")
+        self.frame_weights = (FrameWeights(dim, cfg.temporal_heads, cfg.frame_weights == "residual",
+                                           cfg.frame_norm == "input")
                               if enhance_video else None)
         self.keyword_attn = (KeywordAttention(dim, cfg.cross_heads, cfg.dropout)
                              if cfg.fine and cfg.text_enhance else None)

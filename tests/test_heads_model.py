@@ -272,6 +272,41 @@ def test_residual_frame_weights_tell_frames_apart_where_the_patents_cannot():
         HeadConfig(frame_weights="attn")
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_frame_norm_input_keeps_the_frame_weights_off_saturation_whatever_the_feature_norms(residual):
+    """frame_norm "input": a LayerNorm on h before FC1, so the frame weights' logits do not change when h is scaled
+    (the temporal features' norm grows in training), where without it the logits grow with h and the weights
+    saturate (a trained run reached logits of -515..2330); the LayerNorm trains; the model builds it only when
+    asked, and a config saved before the option existed loads without it."""
+    from heads.layers import FrameWeights
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    h = torch.randn(2, 6, 16)
+    normed, plain = FrameWeights(16, 2, residual, norm=True), FrameWeights(16, 2, residual)
+    with torch.no_grad():
+        for p in normed.norm.parameters():  # moved off LayerNorm's identity start, so its parameters take part
+            p.add_(torch.randn_like(p) * 0.3)
+    torch.testing.assert_close(normed(h * 50, mask), normed(h, mask), rtol=1e-4, atol=1e-4)
+    naive = normed.fc1(F.layer_norm(h, (16,), normed.norm.weight, normed.norm.bias))  # a second implementation
+    y = normed.attn(naive, naive, naive, key_padding_mask=~mask, need_weights=False)[0]
+    torch.testing.assert_close(normed(h, mask), normed.fc2(naive + y if residual else y).squeeze(-1))
+    with torch.no_grad():
+        spread = [float((plain(h * s, mask) - plain(h * s, mask).mean()).abs().max()) for s in (1.0, 50.0)]
+    assert spread[1] > 5 * spread[0]  # without it the logits follow the feature norm
+    normed(h, mask).square().sum().backward()
+    assert normed.norm.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="frame_norm"):
+        HeadConfig(frame_norm="output")
+    assert HeadConfig.from_dict({}).frame_norm == "none"
+    assert make_model().frame_weights.norm is None
+    model, batch = make_model(frame_norm="input"), make_batch()
+    assert isinstance(model.frame_weights.norm, torch.nn.LayerNorm)
+    loss, _ = model(batch)
+    loss.backward()
+    assert model.frame_weights.norm.weight.grad is not None
+
+
 @pytest.mark.parametrize("fusion", ["sum", "mean", "weighted"])
 def test_fusion_joins_fine_and_coarse(fusion):
     model, batch = make_model(fusion=fusion, loss_terms="fused"), make_batch()

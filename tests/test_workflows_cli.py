@@ -63,12 +63,12 @@ def test_training_recipe_options_reach_the_saved_run(synthetic_features, tmp_pat
     res = run_cli(*train_args(synthetic_features, run, "--epochs", "1", "--fusion", "mean", "--loss-terms", "each",
                               "--temporal-grad", "fine", "--temporal-lr", "1e-4", "--global-clip",
                               "--pool-init", "uniform", "--pool-norm", "none",
-                              "--frame-weights", "residual"))
+                              "--frame-weights", "residual", "--frame-norm", "input"))
     assert res.returncode == 0, res.stderr
     saved = json.loads((run / "config.json").read_text())["run"]
     assert (saved["head"]["fusion"], saved["head"]["loss_terms"], saved["head"]["temporal_grad"]) == ("mean", "each", "fine")
     assert (saved["head"]["pool_init"], saved["head"]["pool_norm"]) == ("uniform", "none")
-    assert saved["head"]["frame_weights"] == "residual"
+    assert (saved["head"]["frame_weights"], saved["head"]["frame_norm"]) == ("residual", "input")
     assert saved["train"]["temporal_lr"] == 1e-4 and saved["train"]["clip_terms"] is False
     # clip_terms means nothing to a head with one loss term: not recorded, and such a config reads back
     res = run_cli(*train_args(synthetic_features, tmp_path / "fine", "--epochs", "1", "--fine-only", "--clip-terms"))
